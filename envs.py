@@ -649,6 +649,7 @@ VIRL_INTERSECTION_OBS = "You observe an intersection"
 VIRL_MAPPING_RADIUS = 20.0                       # metres; platform OFFLINE.MAPPING_RADIUS
 EARTH_RADIUS_M = 6371000.0
 
+
 def virl_re_match(text: str, key: str) -> str:
     """re_match for the V-IRL keys. DEPARTURE: a non-string JSON value becomes a string (the official verifier would
     crash on `"intersection" in 3`)."""
@@ -1135,7 +1136,7 @@ class _VirlCity:
         a, b = key
         return [brg(self.nodes[a], self.nodes[b]), brg(self.nodes[b], self.nodes[a])]
 
-    def render(self, xy, kind, key, size, rotation, font_cache) -> Image.Image:
+    def render(self, xy, kind, key, size, rotation) -> Image.Image:
         """Equirectangular panorama at xy: sky, facades with windows (colour per block), road with centre lines
         along the street directions, and a named sign for every landmark within 45 m, at its true bearing."""
         W, H = size
@@ -1181,7 +1182,7 @@ class _VirlCity:
             x0, x1 = cx - half / 360 * W, cx + half / 360 * W
             y0, y1 = (90 - top_e) / 180 * H, (90 - bot_e) / 180 * H
             fsize = max(6, int((y1 - y0) / 3))
-            font = font_cache.setdefault(fsize, _font(fsize))
+            font = _font(fsize)
             text_rgb = (0, 0, 0) if sum(lm["colour"]) > 400 else (255, 255, 255)
             words = lm["name"].split()
             lines = [" ".join(words[: (len(words) + 1) // 2]), " ".join(words[(len(words) + 1) // 2:])]
@@ -1269,7 +1270,7 @@ def generate_virl_world(out_dir, num_routes: int = 300, num_heldout_routes: int 
     out = Path(out_dir)
     views = out / "street_views"
     views.mkdir(parents=True, exist_ok=True)
-    mapping, train, heldout, font_cache = {}, [], [], {}
+    mapping, train, heldout = {}, [], []
     for ci, sk in enumerate(skins):
         rng = random.Random(f"virl-world-v{VIRL_WORLD_VERSION}:{seed}:{ci}:{sk}:{len(skins)}")
         city = _VirlCity(sk, rng, grid_size, block_m, points_per_block, landmark_prob,
@@ -1283,7 +1284,7 @@ def generate_virl_world(out_dir, num_routes: int = 300, num_heldout_routes: int 
         for pi, (xy, kind, key) in enumerate(city.points):  # landmarks are final now: render
             pano_id = f"{sk}_{ci:02d}_{pi:05d}"
             rotation = rng.randrange(360)
-            city.render(xy, kind, key, pano_size, rotation, font_cache).save(views / f"{pano_id}.jpg", quality=90)
+            city.render(xy, kind, key, pano_size, rotation).save(views / f"{pano_id}.jpg", quality=90)
             geo = city.latlng(xy)
             (views / f"{pano_id}.metadata.json").write_text(json.dumps(
                 {"pano_id": pano_id, "rotation": rotation, "geocode": list(geo), "skin": sk}))
