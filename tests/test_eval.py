@@ -1,0 +1,351 @@
+"""eval.py: metrics arithmetic with scripted policies, statistics on hand-computed cases, checkpoint discovery,
+the model-backed policy on tiny models, and the CLI end to end (subprocess)."""
+import ast
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import eval as ev
+from envs import ResponseEqn, solve
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---- statistics on hand-computed cases ----
+def test_wilson_interval_known_values():
+    lo, hi = ev.wilson_interval(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
+    lo, hi = ev.wilson_interval(5, 10)
+    assert (lo, hi) == (pytest.approx(0.2366, abs=1e-4), pytest.approx(0.7634, abs=1e-4))
+    lo, hi = ev.wilson_interval(10, 10)
+    assert lo == pytest.approx(0.7225, abs=1e-4) and hi == 1.0
+    # 3.4 % of 234 (the paper's GP-L SFT OOD number = 8/234)
+    lo, hi = ev.wilson_interval(8, 234)
+    assert lo == pytest.approx(0.01744, abs=1e-4) and hi == pytest.approx(0.06606, abs=1e-4)
+    assert all(math.isnan(x) for x in ev.wilson_interval(0, 0))
+
+
+def test_mcnemar_exact_hand_cases():
+    assert ev.mcnemar_exact(0, 0) == 1.0
+    assert ev.mcnemar_exact(5, 0) == pytest.approx(2 / 32)  # all 5 discordant pairs one way
+    assert ev.mcnemar_exact(0, 5) == pytest.approx(2 / 32)
+    assert ev.mcnemar_exact(10, 2) == pytest.approx(2 * (1 + 12 + 66) / 4096)
+    assert ev.mcnemar_exact(3, 3) == 1.0
+    assert ev.mcnemar_exact(1, 0) == 1.0
+
+
+def test_paired_bootstrap_and_mde():
+    a = np.array([1, 0, 1, 0, 1, 0, 0, 0])
+    diff, lo, hi = ev.paired_bootstrap(a, np.ones(8), a, np.ones(8), samples=500)
+    assert (diff, lo, hi) == (0.0, 0.0, 0.0)  # identical answers: no uncertainty in the paired difference
+    b = np.ones(8)
+    diff, lo, hi = ev.paired_bootstrap(a, np.ones(8), b, np.ones(8), samples=2000)
+    assert diff == pytest.approx(5 / 8) and 0 < lo <= diff <= hi <= 1
+    # ratio metric (per-step accuracy): sum(num)/sum(den), not a mean of ratios
+    diff, _, _ = ev.paired_bootstrap([1, 0], [1, 3], [2, 3], [2, 3], samples=10)
+    assert diff == pytest.approx(5 / 5 - 1 / 4)
+    z = 1.959964 + 0.841621
+    assert ev.minimum_detectable_effect(234, p_base=0.5) == pytest.approx(z * math.sqrt(0.5 / 234), rel=1e-5)
+    assert ev.minimum_detectable_effect(100, p_discordant=0.1) == pytest.approx(z * math.sqrt(0.001), rel=1e-5)
+
+
+# ---- GP episodes with a scripted policy on the real environment ----
+def _values(cards, face_as_10=True):
+    face = {"A": 1, "J": 10, "Q": 10, "K": 10} if face_as_10 else {"A": 1, "J": 11, "Q": 12, "K": 13}
+    return [face.get(c, None) or int(c) for c in cards]
+
+
+def scripted_gp_policy(plans: dict, calls: list):
+    """plans: first prompt -> list of answer kinds per turn. Returns a policy that builds those answers."""
+    def policy(batch):
+        calls.append(len(batch))
+        out = []
+        for messages, image in batch:
+            prompt = messages[0]["content"]
+            cards = ast.literal_eval(re.search(r"Cards: (\[.*?\])", prompt).group(1))
+            values = _values(cards, "count as '10'" in prompt)
+            turn = sum(m["role"] == "assistant" for m in messages)
+            kind = plans[prompt][min(turn, len(plans[prompt]) - 1)]
+            shown = ["Z", "Z", "Z", "Z"] if kind == "badcards" else cards
+            formula = {"correct": solve(tuple(values), 24)[0] if kind == "correct" else None,
+                       "illegal": "x".join(map(str, values))}.get(kind) or "-".join(map(str, values))  # < 24
+            out.append(ResponseEqn.format(cards=repr(shown), numbers=repr(values), formula=formula + "=24"))
+        return out
+    return policy
+
+
+def test_gp_metrics_scripted_policy():
+    setting = ev.Setting("gp-l", "id", dict(verify_iter=3, language_only=True, treat_face_cards_as_10=True,
+                                             ood=False), num_episodes=6, seed=0)
+    plan_list = [["correct"], ["wrong", "correct"], ["wrong"] * 4, ["badcards", "wrong", "correct"],
+                 ["illegal"] * 4, ["correct"]]
+    env = ev.make_env(setting)
+    prompts = [env.reset(seed=s)[0]["messages"][0]["content"] for s in setting.episode_seeds()]
+    assert len(set(prompts)) == 6
+    calls = []
+    episodes = ev.run_episodes(setting, scripted_gp_policy(dict(zip(prompts, plan_list)), calls), batch_size=4,
+                               log_every_s=1e9)
+    assert [e["num_steps"] for e in episodes] == [1, 2, 4, 3, 4, 1]  # the forced 4th call counts as a step
+    assert [e["success_turn"] for e in episodes] == [1, 2, None, 3, None, 1]
+    assert episodes[2]["turns"][-1]["truncated"] and episodes[2]["turns"][-1]["reward"] == -1
+    assert episodes[1]["turns"][1]["messages"][-1]["content"].startswith("You failed this trial because")
+    m = ev.metrics_of(setting, episodes)
+    assert m["success"] == (4, 6)
+    assert (m["success@turn-1"], m["success@turn-2"], m["success@turn-3"]) == ((2, 6), (3, 6), (4, 6))
+    assert m["recognition"] == (5, 6)  # only the "badcards" first answer misreads the hand
+    assert [e["seen"] for e in episodes] == [True, True, False, False, True, True]  # seed 0: 2 held-out hands
+    assert m["success (seen instances)"] == (3, 4) and m["success (unseen instances)"] == (1, 2)
+    # batching: one policy call per turn for every active episode, never more than batch_size
+    assert max(calls) == 4 and calls[0] == 4 and sum(calls) == sum(e["num_steps"] for e in episodes)
+    assert len(calls) < sum(e["num_steps"] for e in episodes)
+
+
+def test_gp_recognition_run_is_single_turn():
+    args = ev.Args(gp_num_episodes=3, separate_recognition_runs=True)
+    settings = {s.name: s for s in ev.build_settings(args, "gp-vl")}
+    assert set(settings) == {"id", "rule-ood", "visual-ood", "recog-id", "recog-rule-ood", "recog-visual-ood"}
+    assert settings["visual-ood"].env_kwargs["face_cards_color"] == "red"
+    assert settings["rule-ood"].env_kwargs["face_cards_color"] == "black"
+    assert settings["rule-ood"].env_kwargs["ood"] and not settings["rule-ood"].env_kwargs["treat_face_cards_as_10"]
+    recog = ev.Setting("gp-l", "recog-id", dict(settings["recog-id"].env_kwargs, language_only=True), 3, 42,
+                       max_turns=1)
+    episodes = ev.run_episodes(recog, lambda batch: ["nothing"] * len(batch), log_every_s=1e9)
+    assert [e["num_steps"] for e in episodes] == [1, 1, 1]
+    m = ev.metrics_of(recog, episodes)
+    assert m["recognition"] == (0, 3) and m["success"] == (0, 3) and not any("@turn" in k for k in m)
+
+
+# ---- V-IRL arithmetic with a fake navigation env (same episode API) ----
+class FakeNav:
+    """3 rail points; 'ok' is the right action; verify_iter wrong answers per point, then a forced -1."""
+
+    def __init__(self, verify_iter=2, **kwargs):
+        self.verify_iter = verify_iter
+
+    def reset(self, seed=None, options=None):
+        self.seed, self.pos, self.remaining = seed, 0, self.verify_iter
+        return self._obs(), dict(instance_id=str(seed), seen=FakeNav.seen[seed])
+
+    def _obs(self):
+        return {"messages": [{"role": "user", "content": f"route {self.seed}"}], "image": None}
+
+    def step(self, text):
+        self.remaining -= 1
+        info = dict(is_success=False)
+        if self.remaining < 0:
+            return self._obs(), -1.0, False, True, info
+        if text != "ok":
+            return self._obs(), -1.0, False, False, info
+        if self.pos == 2:
+            return self._obs(), 1.0, True, False, dict(is_success=True)
+        self.pos, self.remaining = self.pos + 1, self.verify_iter
+        return self._obs(), 1.0, False, False, info
+
+
+def test_virl_per_step_accuracy_counts_retries_and_forced_steps():
+    setting = ev.Setting("virl-l", "id", dict(verify_iter=2), num_episodes=3, seed=12)
+    seeds = setting.episode_seeds()
+    plans = {seeds[0]: ["ok", "ok", "ok"], seeds[1]: ["bad", "ok", "bad", "bad", "bad"],
+             seeds[2]: ["ok", "bad", "ok", "ok"]}
+    FakeNav.seen = {seeds[0]: True, seeds[1]: True, seeds[2]: False}
+    counters = {s: 0 for s in seeds}
+
+    def policy(batch):
+        out = []
+        for messages, _ in batch:
+            s = int(messages[0]["content"].split()[1])
+            out.append(plans[s][counters[s]])
+            counters[s] += 1
+        return out
+
+    episodes = ev.run_episodes(setting, policy, env_factory=lambda s: FakeNav(**s.env_kwargs), log_every_s=1e9)
+    assert [e["num_steps"] for e in episodes] == [3, 5, 4]
+    assert [e["num_correct_steps"] for e in episodes] == [3, 1, 3]
+    m = ev.metrics_of(setting, episodes)
+    assert m["per-step accuracy"] == (7, 12) and m["success"] == (2, 3)
+    assert m["success (seen instances)"] == (1, 2) and m["success (unseen instances)"] == (1, 1)
+    assert m["per-step accuracy (seen instances)"] == (4, 8) and m["per-step accuracy (unseen instances)"] == (3, 4)
+
+
+def test_virl_real_env_wrong_then_oracle_is_half_the_steps():
+    """On the real NavigationEnv: a wrong answer, then the oracle's, at every rail point -> per-step accuracy exactly
+    1/2 (retries count), every route solved."""
+    setting = [s for s in ev.build_settings(ev.Args(virl_num_episodes=3), "virl-l") if s.name == "rule-ood"][0]
+    envs = []
+
+    def factory(s):
+        envs.append(ev.make_env(s))
+        return envs[-1]
+
+    def policy(batch):
+        out = []
+        for messages, _ in batch:
+            env = next(e for e in envs if not e.done and e.messages[0]["content"] == messages[0]["content"])
+            out.append(env.oracle_response() if messages[-1]["content"].startswith("You failed") else "no idea")
+        return out
+
+    episodes = ev.run_episodes(setting, policy, batch_size=2, env_factory=factory, log_every_s=1e9)
+    m = ev.metrics_of(setting, episodes)
+    assert m["success"] == (3, 3)
+    assert 2 * m["per-step accuracy"][0] == m["per-step accuracy"][1] == sum(e["num_steps"] for e in episodes)
+
+
+def test_virl_visual_ood_routes_in_fixed_order():
+    args = ev.Args(virl_visual_ood_routes=4)
+    settings = {s.name: s for s in ev.build_settings(args, "virl-vl")}
+    assert list(settings) == ["id", "id-unseen", "rule-ood", "visual-ood"]
+    assert settings["id"].env_kwargs["absolute_action"] and not settings["rule-ood"].env_kwargs["absolute_action"]
+    assert settings["id-unseen"].env_kwargs["split"] == "heldout" and settings["id"].num_episodes == 48
+    visual = settings["visual-ood"]
+    assert visual.route_order and visual.num_episodes == 4 and visual.env_kwargs["world"] == "vln_mini"
+    official = ev.build_settings(ev.Args(virl_visual_ood_dir="/data/VLN_mini", virl_data_dir="/data/nyc"), "virl-l")
+    assert [s.name for s in official] == ["id", "rule-ood"]
+    assert official[0].env_kwargs["route_info_path"] == "/data/nyc/route_infos.json"
+    seen_options = []
+
+    class Recorder(FakeNav):
+        def reset(self, seed=None, options=None):
+            seen_options.append(options["route_idx"])
+            FakeNav.seen = {seed: True}
+            return super().reset(seed, options)
+
+    ev.run_episodes(visual, lambda b: ["x"] * len(b), batch_size=2, env_factory=lambda s: Recorder(),
+                    log_every_s=1e9)
+    assert seen_options == [0, 1, 2, 3]
+
+
+# ---- paired comparison and reporting ----
+def test_paired_comparison_and_table():
+    def eps(successes):
+        return [dict(seed=i, success=bool(x), num_steps=1, num_correct_steps=int(x)) for i, x in enumerate(successes)]
+    a, b = [1, 0, 0, 0, 0, 0, 0, 1, 0, 0], [1, 1, 1, 1, 1, 1, 0, 0, 0, 0]
+    results = [dict(label=l, task="gp-l", setting="rule-ood", metrics={"success": (sum(x), 10)}) for l, x in
+               (("A", a), ("B", b))]
+    episodes = {("A", "gp-l", "rule-ood"): eps(a), ("B", "gp-l", "rule-ood"): eps(b)}
+    (cmp,) = ev.paired_comparisons(results, episodes, [("A", "B")], ev.Args(bootstrap_samples=1000))
+    assert (cmp["success_a_only"], cmp["success_b_only"]) == (1, 5)
+    assert cmp["mcnemar_p"] == pytest.approx(2 * (1 + 6) / 64)
+    assert cmp["difference"] == pytest.approx(0.4) and cmp["bootstrap_lo"] < 0.4 < cmp["bootstrap_hi"]
+    assert cmp["mde_paired"] == pytest.approx((1.959964 + 0.841621) * math.sqrt(0.6 / 10), rel=1e-5)
+    rows = ev.rows_of(results)
+    table = ev.markdown_table(rows, ["A", "B"], reference_column=True)
+    assert "| gp-l rule-ood | success | 20.0 [5.7, 51.0] (2/10) | 60.0 [31.3, 83.2] (6/10) | 11.5 / 15.0 / 3.4 |" \
+        in table
+    assert "p = 0.219" in ev.paired_text([cmp])  # 14/64
+
+
+def test_find_checkpoints_orders_by_step_and_reads_flops(tmp_path):
+    for name in ("step_10", "step_2", "final", "not_a_ckpt"):
+        (tmp_path / name).mkdir()
+        if name != "not_a_ckpt":
+            (tmp_path / name / "config.json").write_text("{}")
+    (tmp_path / "final" / "trainer_state.json").write_text(json.dumps({"step": 12, "tokens": 5}))
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"step": 0, "charts/flops": 0}, {"step": 2, "charts/flops": 100}, {"step": 10, "charts/flops": 500},
+        {"step": 12, "losses/loss": 1.0, "charts/flops": 600}]) + "\n")
+    ckpts = ev.find_checkpoints(str(tmp_path))
+    assert [(c["name"], c["step"], c["flops"]) for c in ckpts] == [("step_2", 2, 100), ("step_10", 10, 500),
+                                                                  ("final", 12, 600)]
+    # ppo_generalpoints.py layout: run/checkpoints/update_XXXX/, metrics keyed by "update", FLOPs in GFLOPs
+    ppo = tmp_path / "ppo"
+    for u in (2, 1):
+        (ppo / "checkpoints" / f"update_{u:04d}").mkdir(parents=True)
+        (ppo / "checkpoints" / f"update_{u:04d}" / "config.json").write_text("{}")
+        (ppo / "checkpoints" / f"update_{u:04d}" / "trainer_state.json").write_text(json.dumps({"update": u}))
+    (ppo / "checkpoints" / "update_0003.tmp").mkdir()  # an interrupted save is skipped
+    (ppo / "checkpoints" / "update_0003.tmp" / "config.json").write_text("{}")
+    (ppo / "metrics.jsonl").write_text("".join(json.dumps({"update": u, "compute/env_steps": 4 * u,
+                                                           "compute/gflops": 1.5 * u}) + "\n" for u in (0, 1, 2)))
+    ckpts = ev.find_checkpoints(str(ppo))
+    assert [(c["name"], c["step"], c["flops"]) for c in ckpts] == [("update_0001", 1, 1.5e9), ("update_0002", 2, 3e9)]
+
+
+# ---- the model-backed policy on tiny models ----
+def test_model_policy_tiny_vl():
+    """The VL path (image before the first user text, Idefics3 processor); the text path runs in the CLI test."""
+    torch.manual_seed(0)
+    model, processor = ev.load_model("tiny", vl_task=True)
+    policy = ev.ModelPolicy(model, processor, max_new_tokens=3, temperature=0.0, top_p=1.0, top_k=0, device="cpu")
+    setting = ev.Setting("gp-vl", "visual-ood", dict(language_only=False, face_cards_color="red", image_size=64,
+                                                     verify_iter=1), num_episodes=3, seed=1)
+    episodes = ev.run_episodes(setting, policy, batch_size=2, log_every_s=1e9)
+    assert all(1 <= e["num_steps"] <= 2 for e in episodes)
+    assert all(isinstance(t["response"], str) for e in episodes for t in e["turns"])
+    again = ev.run_episodes(setting, policy, batch_size=3, log_every_s=1e9)  # greedy: batching-invariant text
+    assert [t["response"] for e in again for t in e["turns"]] == [t["response"] for e in episodes for t in e["turns"]]
+
+
+# ---- CLI end to end ----
+def _cmd(*argv):
+    return [sys.executable, "eval.py", *argv]
+
+
+def _run(*argv):
+    return subprocess.run(_cmd(*argv), cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+
+
+def test_cli_run_dir_curves_table_and_replay(tmp_path):
+    run = tmp_path / "sft_tiny"
+    run.mkdir()
+    model, tok = ev.tiny_model(vl=False)
+    for step in (1, 3):
+        ev.save_checkpoint(model, tok, str(run / f"step_{step}"))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "charts/flops": 1e9}) + "\n" +
+                                       json.dumps({"step": 3, "charts/flops": 3e9}) + "\n")
+    out = tmp_path / "out"
+    r = _run("--run-dir", str(run), "--init-path", "tiny", "--task", "gp-l", "--gp-num-episodes", "3",
+             "--gp-verify-iter", "2", "--max-new-tokens", "3", "--settings", "rule-ood", "--output-dir", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "episodes/s" in r.stdout and "ETA" in r.stdout
+    assert (out / "curves_gp-l.png").stat().st_size > 1000
+    table = (out / "table.md").read_text()
+    assert "sft_tiny/step_3" in table and "init" in table and "Paired comparisons" in table
+    assert "success@turn-k" in table
+    lines = (out / "episodes.jsonl").read_text().splitlines()
+    assert len(lines) == 3 * 1 * 3  # checkpoints x settings x episodes
+    rec = json.loads(lines[0])
+    assert {"seed", "instance_id", "turns", "checkpoint"} <= set(rec)
+    assert {"messages", "response", "reward", "verify_info"} <= set(rec["turns"][0])
+    results = json.loads((out / "results.json").read_text())
+    assert results["sampling"]["do_sample"] is False and results["sampling"]["top_k"] == 0
+    assert {c["flops"] for c in results["checkpoints"]} == {0.0, 1e9, 3e9}
+    assert (out / "results.csv").read_text().startswith("task,setting,metric,checkpoint,k,n,rate")
+    assert ev.replay(str(out / "episodes.jsonl")) == 0
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(model_path=["/nonexistent/ckpt"]), "not found"),
+    (dict(model_path=["tiny"], task="gp-xl"), "unknown --task"),
+    (dict(model_path=["smollm2"], task="gp-vl"), "text-only"),
+    (dict(model_path=["tiny"], settings=["od"]), "unknown --settings"),
+    (dict(model_path=["tiny"], settings=["visual-ood"], task="gp-l"), "selects nothing"),
+    (dict(), "nothing to evaluate"),
+    (dict(run_dir=["/nonexistent/run"]), "not a directory"),
+])
+def test_bad_input_one_clear_message(kwargs, needle):
+    with pytest.raises(SystemExit) as e:
+        ev.resolve_request(ev.Args(**kwargs))
+    message = str(e.value)
+    assert message.startswith("eval.py: error:") and needle in message and "\n" not in message
+
+
+def test_bad_input_text_model_for_vl_task_from_a_saved_checkpoint(tmp_path):
+    model, tok = ev.tiny_model(vl=False)
+    ev.save_checkpoint(model, tok, str(tmp_path / "text"))
+    with pytest.raises(SystemExit, match="text-only model but task gp-vl needs images"):
+        ev.resolve_request(ev.Args(model_path=[str(tmp_path / "text")], task="gp-vl"))
+
+
+def test_cli_bad_input_exits_with_one_line():
+    r = _run("--model-path", "/nonexistent/ckpt", "--task", "gp-l")
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == ["eval.py: error: checkpoint '/nonexistent/ckpt' not found (expected a "
+                                             "directory with config.json, or smollm2 | smolvlm | tiny)"]

@@ -1,0 +1,158 @@
+"""Tests for sft.py: tiny random models, offline, CPU. Scripts run in a subprocess like CleanRL's tests."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import sft  # noqa: E402
+
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="2")
+TINY = ["--model-name", "tiny", "--local-micro-batch-size", "2", "--eval-episodes", "2", "--eval-batch-size", "2",
+        "--max-new-tokens", "8", "--learning-rate", "1e-3", "--warmup-steps", "1"]
+
+
+def virl_available() -> bool:
+    try:
+        sft.make_env("virl-l", "id", split="seen", seed=0)
+        return True
+    except Exception:
+        return False
+
+
+def run(args, cwd, check=True, launcher=None):
+    cmd = (launcher or [sys.executable]) + [os.path.join(ROOT, "sft.py")] + args
+    p = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+@pytest.mark.parametrize("task", ["gp-l", "gp-vl", "virl-l", "virl-vl"])
+def test_end_to_end_checkpoint_reloads_and_generates(task, tmp_path):
+    if task.startswith("virl") and not virl_available():
+        pytest.skip("V-IRL environment (NavigationEnv) not importable yet")
+    run(["--task", task, *TINY, "--total-steps", "2", "--eval-every", "2", "--output-dir", str(tmp_path),
+         "--run-name", "r"], cwd=tmp_path)
+    ckpt = tmp_path / "r" / "final"
+    assert (ckpt / "trainer_state.json").exists() and not (tmp_path / "r" / "final.tmp").exists()
+    metrics = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl")]
+    assert any("eval/id_success" in m for m in metrics) and any("losses/loss" in m for m in metrics)
+    # plain transformers, no sft.py helpers: the checkpoint is self-contained
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+    vl = task.endswith("-vl")
+    model = (AutoModelForImageTextToText if vl else AutoModelForCausalLM).from_pretrained(ckpt)
+    processor = (AutoProcessor if vl else AutoTokenizer).from_pretrained(ckpt)
+    env = sft.make_env(task, "id", split="unseen")
+    obs, _ = env.reset(seed=0)
+    inputs = sft.chat_inputs(processor, [obs["messages"]], [obs["image"]] if vl else None)
+    out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > inputs["input_ids"].shape[1]
+
+
+@pytest.mark.parametrize("name", ["tiny", "smollm2"])
+def test_loss_mask_covers_exactly_the_responses(name):
+    if name == "smollm2" and not os.path.exists(os.path.join(sft.CACHE_DIR, "smollm2-135m-instruct")):
+        pytest.skip("SmolLM2 cache not built")
+    processor = sft.char_tokenizer() if name == "tiny" else sft.AutoTokenizer.from_pretrained(sft.smollm2_path())
+    tok = sft.tokenizer_of(processor)
+    messages = [{"role": "user", "content": "Cards: ['A', '3', 'K', '10']"},
+                {"role": "assistant", "content": "\n{\n  \"formula\": \"1*3+10+10=24\",\n}"},
+                {"role": "user", "content": "You failed this trial because partial solution."},
+                {"role": "assistant", "content": "second answer"}]
+    for loss_on, trained in [("last", [3]), ("all", [1, 3])]:
+        e = sft.encode_example(processor, messages, None, loss_on, max_length=4096)
+        ids, mask = torch.tensor(e["input_ids"]), torch.tensor(e["loss_mask"]).bool()
+        expected = "".join(messages[i]["content"] + tok.eos_token for i in trained)
+        assert tok.decode(ids[mask]) == expected
+        # the unmasked prefix of the last response is exactly the generation prompt the model sees at inference
+        prompt = processor.apply_chat_template(messages[:3], tokenize=False, add_generation_prompt=True)
+        n_resp = len(tok(messages[3]["content"] + tok.eos_token, add_special_tokens=False)["input_ids"])
+        assert tok.decode(ids[: len(ids) - n_resp]) == prompt
+    batch = sft.collate([e, dict(input_ids=[5, 6], loss_mask=[0, 1])], pad_id=tok.eos_token_id)
+    assert batch["attention_mask"].sum(1).tolist() == [len(e["input_ids"]), 2]  # from lengths, pad == eos here
+
+
+def test_loss_mask_with_image_tokens():
+    model, processor = sft.load_model("tiny", vl_task=True)
+    from PIL import Image
+    messages = [{"role": "user", "content": "What cards?"}, {"role": "assistant", "content": "A, 2"}]
+    e = sft.encode_example(processor, messages, Image.new("RGB", (100, 100)), "last", 4096)
+    ids, mask = torch.tensor(e["input_ids"]), torch.tensor(e["loss_mask"]).bool()
+    assert (ids == model.config.image_token_id).sum() == 16 and e["pixel_values"].shape == (1, 1, 3, 64, 64)
+    assert processor.tokenizer.decode(ids[mask]) == "A, 2<|im_end|>"
+    batch = sft.collate([e, e], pad_id=processor.tokenizer.pad_token_id)
+    loss, n = sft.sft_loss(model, batch, torch.autocast("cpu", enabled=False))
+    assert n == 2 * mask.sum() and torch.isfinite(loss)
+    loss.backward()  # gradients reach the random vision tower
+    assert model.model.vision_model.embeddings.patch_embedding.weight.grad.abs().sum() > 0
+
+
+def test_released_json_reader(tmp_path):
+    sample = [{"id": "0", "conversations": [
+        {"from": "human", "value": "\n[Task Description]\nYou are an expert 24 points card game player."},
+        {"from": "gpt", "value": "\n{\n  \"cards\": ['A', '3', 'K', '10'],\n  \"formula\": \"(1+3)*10-10-6=24\",\n}"},
+        {"from": "human", "value": "You failed this trial because partial solution."},
+        {"from": "gpt", "value": "again"}]}]
+    path = tmp_path / "gp-l.json"
+    path.write_text(json.dumps(sample))
+    (messages, image, loss_on), = sft.read_llava_json(str(path), vl_task=False)
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
+    assert messages[1]["content"] == sample[0]["conversations"][1]["value"] and image is None and loss_on == "all"
+    # VL sample: `<image>\n` marker removed, image path resolved against the file's folder
+    from PIL import Image
+    Image.new("RGB", (8, 8)).save(tmp_path / "img.png")
+    vl = [{"image": "img.png", "conversations": [{"from": "human", "value": "<image>\nWhat cards?"},
+                                                {"from": "gpt", "value": "A"}]}]
+    path.write_text(json.dumps(vl))
+    (messages, image, _), = sft.read_llava_json(str(path), vl_task=True)
+    assert messages[0]["content"] == "What cards?" and image == str(tmp_path / "img.png")
+    path.write_text(json.dumps([{"conversations": [{"from": "human", "value": "hi"}]}]))
+    with pytest.raises(SystemExit, match="no `gpt` turn"):
+        sft.read_llava_json(str(path), vl_task=False)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--task", "gp-x"], "gp-x"),
+    (["--task", "gp-l", "--data", "json", "--data-file", "missing.json"], "does not exist"),
+    (["--task", "gp-vl", "--model-name", "TEXT_CKPT"], "cannot take images"),
+])
+def test_bad_input_stops_before_training(args, message, tmp_path):
+    if "TEXT_CKPT" in args:
+        model, tok = sft.load_model("tiny", vl_task=False)
+        sft.save_checkpoint(model, tok, str(tmp_path / "text_ckpt"))
+        args = [str(tmp_path / "text_ckpt") if a == "TEXT_CKPT" else a for a in args]
+    p = run(args + ["--output-dir", str(tmp_path / "runs"), "--run-name", "bad"], cwd=tmp_path, check=False)
+    assert p.returncode != 0 and message in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "runs" / "bad" / "final").exists()
+
+
+def test_resume_continues_from_saved_step(tmp_path):
+    common = ["--task", "gp-l", *TINY, "--eval-every", "0", "--output-dir", str(tmp_path), "--run-name", "r"]
+    run(common + ["--total-steps", "2", "--save-every", "1"], cwd=tmp_path)
+    os.rename(tmp_path / "r" / "final", tmp_path / "final_2")  # resume from step_1, not the final checkpoint
+    p = run(["--task", "gp-l", *TINY, "--eval-every", "0", "--resume", str(tmp_path / "r"), "--total-steps", "3"],
+            cwd=tmp_path)
+    assert "step 1/3" not in p.stdout and "step 2/3" in p.stdout and "step 3/3" in p.stdout
+    assert json.load(open(tmp_path / "r" / "final" / "trainer_state.json"))["step"] == 3
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "r" / "metrics.jsonl")]
+    assert steps == [1, 2, 2, 3]  # the first run's steps 1-2, then the resumed steps 2-3 (same run directory)
+    # the resumed step 2 sees the same data and the same weights/optimizer as the original step 2
+    losses = [json.loads(line)["losses/loss"] for line in open(tmp_path / "r" / "metrics.jsonl")]
+    assert losses[1] == pytest.approx(losses[2], rel=1e-4)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_torchrun_two_gloo_processes(strategy, tmp_path):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    run(["--task", "gp-l", *TINY, "--total-steps", "2", "--eval-every", "2", "--dist-strategy", strategy,
+         "--output-dir", str(tmp_path), "--run-name", "r"], cwd=tmp_path, launcher=launcher)
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "r" / "final")
+    assert json.load(open(tmp_path / "r" / "final" / "trainer_state.json"))["step"] == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
