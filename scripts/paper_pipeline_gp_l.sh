@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The paper's pipeline on GP-L with the embedded default model (SmolLM2-135M-Instruct), sized for a 2-core CPU:
+#   1. a short SFT makes the initial checkpoint (skipped when it already exists);
+#   2. from it, the RL arm (ppo_generalpoints.py) ...
+#   3. ... and the SFT arm (sft.py started from the same checkpoint), given the same training FLOPs as the RL arm
+#      (6N per trained token for SFT; 6N(D_RL) + 2N D_buffer for PPO, as in the paper's compute accounting);
+#   4. eval.py prints init, SFT arm and RL arm side by side on ID and rule-OOD hands.
+# Every knob is an environment variable so that the same script runs the tiny smoke version in tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+MODEL=${MODEL:-default}                      # sft.py --model-name for the initial checkpoint
+TAG=${TAG:-gp-l}                             # run-name prefix
+INIT_STEPS=${INIT_STEPS:-30}                 # SFT steps (x8 examples) of the initial checkpoint
+LR=${LR:-1e-5}                               # the shared learning rate of both arms (paper: one LR per experiment)
+PPO_UPDATES=${PPO_UPDATES:-2}
+PPO_ENVS=${PPO_ENVS:-8}
+PPO_STEPS=${PPO_STEPS:-2}
+MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-96}
+EVAL_EPISODES=${EVAL_EPISODES:-32}
+EXTRA_SFT=${EXTRA_SFT:-}                     # extra flags for every sft.py call (tests: tiny settings)
+EXTRA_PPO=${EXTRA_PPO:-}
+EXTRA_EVAL=${EXTRA_EVAL:-}
+OUT=runs                                     # ppo_generalpoints.py always writes under runs/
+
+INIT=${INIT:-$OUT/$TAG-init/final}           # an existing initial checkpoint skips step 1
+if [ ! -d "$INIT" ]; then
+  echo "== 1. initial checkpoint: sft.py ($INIT_STEPS steps)"
+  python sft.py --task gp-l --model-name "$MODEL" --run-name "$TAG-init" --output-dir "$OUT" \
+    --total-steps "$INIT_STEPS" --eval-every 0 $EXTRA_SFT
+fi
+
+echo "== 2. RL arm: ppo_generalpoints.py from $INIT"
+python ppo_generalpoints.py --task gp-l --model-path "$INIT" --exp-name "$TAG-rl-arm" --lr "$LR" \
+  --num-updates "$PPO_UPDATES" --num-envs "$PPO_ENVS" --num-steps "$PPO_STEPS" --max-new-tokens "$MAX_NEW_TOKENS" \
+  --eval-every 0 --save-every "$PPO_UPDATES" $EXTRA_PPO
+RL_RUN=$(ls -dt runs/gp-l__"$TAG"-rl-arm__* | head -1)
+RL_CKPT=$(ls -d "$RL_RUN"/checkpoints/update_* | sort | tail -1)
+
+# Training FLOPs of the RL arm beyond the init, 6N D_RL + 2N D_buffer (its metrics.jsonl), and the number of SFT
+# steps with the same FLOPs, 6N D_SFT (N cancels; D_SFT per step as measured by the init run)
+read -r RL_TOKENS SFT_STEPS < <(python - "$RL_RUN/metrics.jsonl" "$INIT/trainer_state.json" <<'EOF'
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+d_rl = max(r.get("compute/tokens_rl", 0) for r in rows)
+d_buffer = max(r.get("compute/tokens_buffer", 0) for r in rows)
+init = json.load(open(sys.argv[2]))
+sft_tokens_per_step = init["tokens"] / init["step"]
+print(f"{d_rl}+{d_buffer}/3", max(1, round((6 * d_rl + 2 * d_buffer) / (6 * sft_tokens_per_step))))
+EOF
+)
+echo "   RL arm: D_RL + D_buffer/3 = $RL_TOKENS tokens -> the SFT arm gets $SFT_STEPS steps of the same FLOPs"
+
+echo "== 3. SFT arm: sft.py from $INIT, $SFT_STEPS steps"
+rm -rf "$OUT/$TAG-sft-arm"
+python sft.py --task gp-l --model-name "$INIT" --run-name "$TAG-sft-arm" --output-dir "$OUT" \
+  --total-steps "$SFT_STEPS" --learning-rate "$LR" --warmup-steps 0 --eval-every 0 --no-save-optimizer $EXTRA_SFT
+
+echo "== 4. evaluation: init vs SFT arm vs RL arm"
+python eval.py --task gp-l --model-path "$INIT" --label init --model-path "$OUT/$TAG-sft-arm/final" --label sft-arm \
+  --model-path "$RL_CKPT" --label rl-arm --gp-num-episodes "$EVAL_EPISODES" --max-new-tokens "$MAX_NEW_TOKENS" \
+  --settings id --settings rule-ood --output-dir "$OUT/$TAG-eval" $EXTRA_EVAL
