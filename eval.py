@@ -451,7 +451,7 @@ def tiny_model(vl: bool):
     """~1M-parameter random Llama (text) or Idefics3 (64 px images, 16 image tokens) with the char tokenizer."""
     tok = char_tokenizer()
     text = dict(vocab_size=len(tok), hidden_size=128, intermediate_size=344,
-                num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
+                num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=8192,
                 tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                 bos_token_id=tok.bos_token_id)
     if not vl:

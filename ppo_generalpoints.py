@@ -537,7 +537,7 @@ def generate(agent, processor, prompts: list[dict], args: Args, device, synced_g
         for i, x in enumerate(ids):
             input_ids[i, L + S - (len(x) - L):], attention_mask[i, L + S - (len(x) - L):] = torch.tensor(x[L:]), 1
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    sequences = policy.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+    sequences = policy.generate(input_ids=input_ids, attention_mask=attention_mask, cache=cache,
                                 generation_config=gen_config, synced_gpus=synced_gpus, **batch["extra"])
     generated = sequences[:, input_ids.shape[1]:].tolist()  # (B, <= max_new_tokens)
     out = []
