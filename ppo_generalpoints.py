@@ -1021,20 +1021,25 @@ if __name__ == "__main__":
             "rollout/reward_mean": rewards.mean().item(), "rollout/value_mean": values.mean().item(),
             "rollout/return_mean": returns.mean().item(), "rollout/advantage_std": advantages.std().item(),
             "rollout/response_length": float(np.mean(resp_lens)), "rollout/truncated_frac": float(np.mean(truncs)),
-            "rollout/episodes": float(len(successes)),
-            "rollout/success_rate": float(np.mean(successes)) if successes else float("nan"),
+            "rollout/episodes": float(len(successes)), "rollout/successes": float(np.sum(successes)),
             "rollout/logprob_mean": logprobs.mean().item()})
         if kls:
             local["objective/kl"] = torch.cat(kls).mean().item()
         for key in ("CORRECT_SOLUTION", "PARTIAL_SOLUTION", "NO_SOLUTION", "INCORRECT_VISION", "INCORRECT_NUMBER",
                     "ILLEGAL_FORMULA", "AGGREGATED_ERROR", "STEP_LIMIT"):
             local[f"rollout/outcome/{key}"] = float(outcomes.get(key, 0))
-        if world_size > 1:  # averages over ranks (counts are summed)
+        counts = ("rollout/outcome/", "rollout/episodes", "rollout/successes")
+        if world_size > 1:  # averages over ranks (counts are summed, the ratio maximum is a maximum)
             keys = sorted(local)
             t = torch.tensor([0.0 if math.isnan(local[k]) else local[k] for k in keys], dtype=torch.float64)
             dist.all_reduce(t)
-            local = {k: v.item() * (1 if k.startswith("rollout/outcome/") or k == "rollout/episodes" else
-                                    1 / world_size) for k, v in zip(keys, t)}
+            ratio_max = torch.tensor(local["losses/ratio_max"], dtype=torch.float64)
+            dist.all_reduce(ratio_max, op=dist.ReduceOp.MAX)
+            local = {k: v.item() * (1 if k.startswith(counts) else 1 / world_size) for k, v in zip(keys, t)}
+            local["losses/ratio_max"] = ratio_max.item()
+        # success over the episodes that ended in this rollout, on all ranks
+        local["rollout/success_rate"] = (local["rollout/successes"] / local["rollout/episodes"]
+                                         if local["rollout/episodes"] else float("nan"))
         sps = args.local_batch_size * world_size / (time.time() - update_start)
         elapsed = time.time() - start_time
         eta = elapsed / (update - start_update + 1) * (args.num_updates - update)

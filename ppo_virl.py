@@ -1152,11 +1152,14 @@ if __name__ == "__main__":
         for key in ("CORRECT_ACTION", "INCORRECT_ACTION", "INCORRECT_OBS", "STEP_LIMIT"):
             local[f"rollout/outcome/{key}"] = float(outcomes.get(key, 0))
         counts = ("rollout/outcome/", "rollout/episodes", "rollout/successes")
-        if world_size > 1:  # averages over ranks (counts are summed)
+        if world_size > 1:  # averages over ranks (counts are summed, the ratio maximum is a maximum)
             keys = sorted(local)
             t = torch.tensor([0.0 if math.isnan(local[k]) else local[k] for k in keys], dtype=torch.float64)
             dist.all_reduce(t)
+            ratio_max = torch.tensor(local["losses/ratio_max"], dtype=torch.float64)
+            dist.all_reduce(ratio_max, op=dist.ReduceOp.MAX)
             local = {k: v.item() * (1 if k.startswith(counts) else 1 / world_size) for k, v in zip(keys, t)}
+            local["losses/ratio_max"] = ratio_max.item()
         # route success over the episodes that ended in this rollout, on all ranks
         local["rollout/success_rate"] = (local["rollout/successes"] / local["rollout/episodes"]
                                          if local["rollout/episodes"] else float("nan"))

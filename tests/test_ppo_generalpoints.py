@@ -85,13 +85,8 @@ def test_cot_answer_split_char_tokenizer():
     check_split(ppo.char_tokenizer())
 
 
-def test_cot_answer_split_smollm2_bpe():
-    path = os.path.join(ppo.CACHE_DIR, "smollm2-135m-instruct")
-    if not os.path.exists(os.path.join(path, "tokenizer.json")):
-        pytest.skip("SmolLM2 tokenizer not cached (python sft.py --task gp-l creates it)")
-    from transformers import AutoTokenizer
-
-    check_split(AutoTokenizer.from_pretrained(path))
+def test_cot_answer_split_smollm2_bpe(smollm2_tokenizer):
+    check_split(smollm2_tokenizer)
 
 
 def prompts_of(processor, seeds, turns=0):

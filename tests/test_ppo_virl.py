@@ -77,13 +77,8 @@ def test_action_split_char_tokenizer():
     check_split(ppo.char_tokenizer())
 
 
-def test_action_split_smollm2_bpe():
-    path = os.path.join(ppo.CACHE_DIR, "smollm2-135m-instruct")
-    if not os.path.exists(os.path.join(path, "tokenizer.json")):
-        pytest.skip("SmolLM2 tokenizer not cached (python sft.py --task virl-l creates it)")
-    from transformers import AutoTokenizer
-
-    check_split(AutoTokenizer.from_pretrained(path))
+def test_action_split_smollm2_bpe(smollm2_tokenizer):
+    check_split(smollm2_tokenizer)
 
 
 # ---- prompt rebuilding (protocol.md §2.7): what the trainer feeds the model ----
