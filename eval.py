@@ -237,15 +237,9 @@ def virl_data_kwargs(folder: str) -> dict:
 
 
 def make_env(setting: Setting):
-    """Environment constructors are imported lazily so GP-only runs never need V-IRL (and vice versa)."""
-    if setting.family == "gp":
-        from envs import GeneralPointsEnv
-        return GeneralPointsEnv(**setting.env_kwargs)
-    try:
-        from envs import NavigationEnv
-    except ImportError:
-        from envs_virl import NavigationEnv
-    return NavigationEnv(**setting.env_kwargs)
+    """One GeneralPoints or V-IRL environment for a setting."""
+    from envs import GeneralPointsEnv, NavigationEnv
+    return (GeneralPointsEnv if setting.family == "gp" else NavigationEnv)(**setting.env_kwargs)
 
 
 # ---- Episode loop: a policy is any callable  list[(messages, image)] -> list[str] ----
