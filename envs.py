@@ -675,11 +675,12 @@ def virl_verify(response_text: str, gt_action: str, gt_obs: str):
 # ---------------------------------------------------------------------------------------------------------------
 # Geodesy
 # ---------------------------------------------------------------------------------------------------------------
-def virl_haversine(a, b) -> float:
-    """Great-circle distance in metres between two (lat, lng) points."""
-    la1, lo1, la2, lo2 = map(math.radians, (a[0], a[1], b[0], b[1]))
-    h = math.sin((la2 - la1) / 2) ** 2 + math.cos(la1) * math.cos(la2) * math.sin((lo2 - lo1) / 2) ** 2
-    return 2 * EARTH_RADIUS_M * math.asin(min(1.0, math.sqrt(h)))
+def virl_haversine(a, b):
+    """Great-circle distance in metres between (lat, lng) points; either side may be an (n, 2) array of points."""
+    a, b = np.radians(np.asarray(a, dtype=np.float64)), np.radians(np.asarray(b, dtype=np.float64))
+    h = (np.sin((b[..., 0] - a[..., 0]) / 2) ** 2
+         + np.cos(a[..., 0]) * np.cos(b[..., 0]) * np.sin((b[..., 1] - a[..., 1]) / 2) ** 2)
+    return 2 * EARTH_RADIUS_M * np.arcsin(np.sqrt(np.minimum(h, 1.0)))
 
 
 def virl_bearing(a, b) -> float:
@@ -715,8 +716,7 @@ class VirlRelocator:
     def __init__(self, mapping: dict, radius: float = VIRL_MAPPING_RADIUS):
         self.mapping, self.radius = mapping, radius
         self.keys = list(mapping)
-        arr = np.radians(np.array(self.keys, dtype=np.float64).reshape(-1, 2))
-        self.lat, self.lng = arr[:, 0], arr[:, 1]
+        self.points = np.array(self.keys, dtype=np.float64).reshape(-1, 2)  # (n, 2) lat, lng
 
     def __call__(self, geocode):
         key = (float(geocode[0]), float(geocode[1]))
@@ -724,9 +724,7 @@ class VirlRelocator:
             return key, self.mapping[key]
         if not self.keys:
             return None
-        la, lo = math.radians(key[0]), math.radians(key[1])
-        h = np.sin((self.lat - la) / 2) ** 2 + math.cos(la) * np.cos(self.lat) * np.sin((self.lng - lo) / 2) ** 2
-        d = 2 * EARTH_RADIUS_M * np.arcsin(np.sqrt(np.minimum(h, 1.0)))
+        d = virl_haversine(self.points, key)  # (n,)
         i = int(np.argmin(d))
         if d[i] < self.radius:
             return self.keys[i], self.mapping[self.keys[i]]
