@@ -262,6 +262,10 @@ class Args:
     """micro-batches per optimizer step"""
     learning_rate: float = 5e-5
     """peak learning rate (official 7B-11B runs: 1e-6; a 135M model needs more)"""
+    vision_learning_rate: Optional[float] = None
+    """peak learning rate of a VL model's vision tower and connector (None: 1e-3 for `--model-name
+    default|smolvlm|tiny`, whose vision tower starts random; --learning-rate for any other model, the official
+    single rate)"""
     warmup_steps: int = 5
     """linear warm-up steps, then cosine decay to `min_lr_ratio * learning_rate`"""
     min_lr_ratio: float = 0.0
@@ -453,6 +457,14 @@ def format_valid(task: str, response: str) -> bool:
     return all(re_match(response, k) != "None" for k in keys)
 
 
+def card_hits(response: str, cards: list) -> int:
+    """How many of the hand's cards the answer's "cards" field names (multiset overlap, 0-4): a per-card view of
+    recognition that moves before whole-hand recognition does."""
+    from collections import Counter
+    from envs import re_match, robust_str_to_list
+    return sum((Counter(robust_str_to_list(re_match(response, "cards"))) & Counter(cards)).values())
+
+
 @torch.no_grad()
 def evaluate(model, processor, task: str, variants: list, args, rank: int, world_size: int, synced_gpus: bool) -> dict:
     """Greedy single-turn answers on fixed held-out instances; returns {variant/metric: value}."""
@@ -463,7 +475,7 @@ def evaluate(model, processor, task: str, variants: list, args, rank: int, world
     for variant in variants:
         env = make_env(task, variant, split="unseen")
         seeds = [args.eval_seed + i for i in range(args.eval_episodes)][rank::world_size]
-        sums = torch.zeros(4)  # success, format-valid, cards correct, count
+        sums = torch.zeros(5)  # success, format-valid, whole hand recognised, count, cards recognised
         for b in range(0, max(len(seeds), 1), args.eval_batch_size):
             chunk = seeds[b: b + args.eval_batch_size]
             obs = [env.reset(seed=s)[0] for s in chunk]
@@ -477,18 +489,25 @@ def evaluate(model, processor, task: str, variants: list, args, rank: int, world
                 env.reset(seed=s)
                 _, reward, _, _, info = env.step(response)
                 success = info["is_success"] if task.startswith("gp") else info["is_correct"]  # V-IRL: per step
+                hits = card_hits(response, env.cards) if task == "gp-vl" else 0
                 sums += torch.tensor([float(bool(success)), float(format_valid(task, response)),
-                                      float(bool(info.get("cards_correct"))), 1.0])
+                                      float(bool(info.get("cards_correct"))), 1.0, float(hits)])
         if world_size > 1:
             torch.distributed.all_reduce(sums)
         metrics[f"{variant}_success"] = (sums[0] / sums[3]).item()
         metrics[f"{variant}_format_valid"] = (sums[1] / sums[3]).item()
         if task == "gp-vl":
-            metrics[f"{variant}_cards_acc"] = (sums[2] / sums[3]).item()
+            metrics[f"{variant}_cards_acc"] = (sums[2] / sums[3]).item()  # whole hand, the paper's recognition
+            metrics[f"{variant}_per_card_acc"] = (sums[4] / (4 * sums[3])).item()
         if rank == 0:
             print(f"  eval {variant}: sample answer {responses[0][:160]!r}", flush=True)
     model.train(was_training)
     return metrics
+
+
+def is_vision_param(name: str) -> bool:
+    """Vision tower and vision-to-text connector of Idefics3/SmolVLM, Mllama, LLaVA and Qwen2-VL."""
+    return any(k in name for k in ("vision_model.", "vision_tower.", "visual.", "connector.", "multi_modal_projector."))
 
 
 def get_lr(step: int, args) -> float:
@@ -518,6 +537,11 @@ if __name__ == "__main__":
         args.max_new_tokens = (80 if args.task.startswith("gp") else 200) * (3 if args.model_name == "tiny" else 1)
     if args.data == "json" and not args.data_file:
         fail("--data json needs --data-file")
+    for name in ("learning_rate", "vision_learning_rate", "total_steps", "local_micro_batch_size",
+                 "gradient_accumulation_steps"):
+        value = getattr(args, name)
+        if value is not None and (value < 0 if name == "total_steps" else value <= 0):
+            fail(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'total_steps' else '> 0'}, got {value}")
     json_examples = read_llava_json(args.data_file, vl_task, args.image_folder) if args.data == "json" else None
     try:  # fail early if the environment module for the task is not there
         make_env(args.task, "id", split="seen", seed=0)
@@ -599,7 +623,16 @@ if __name__ == "__main__":
         fully_shard(model, mesh=mesh)
     synced_gpus = distributed and args.dist_strategy == "fsdp"
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=args.adam_betas, eps=args.adam_eps,
+    # Two parameter groups: a random vision tower needs a far larger step than the pretrained text tower (as the
+    # projector of LLaVA's stage 1); `lr_scale` multiplies the scheduled peak-relative rate of each group.
+    vision_lr = args.vision_learning_rate
+    if vision_lr is None:
+        vision_lr = 1e-3 if vl_task and args.model_name in ("default", "smolvlm", "tiny") else args.learning_rate
+    vision = [p for n, p in model.named_parameters() if p.requires_grad and is_vision_param(n)]
+    text = [p for n, p in model.named_parameters() if p.requires_grad and not is_vision_param(n)]
+    groups = [dict(params=text, lr_scale=1.0)] + ([dict(params=vision, lr_scale=vision_lr / args.learning_rate)]
+                                                  if vision else [])
+    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=args.adam_betas, eps=args.adam_eps,
                                   weight_decay=args.weight_decay)
     start_step, tokens_seen = state.get("step", 0), state.get("tokens", 0)
     if resume_dir and os.path.isfile(os.path.join(resume_dir, "optimizer.pt")) and not synced_gpus:
@@ -663,7 +696,7 @@ if __name__ == "__main__":
 
         lr = get_lr(step, args)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         loss_sum = 0.0
         for i, mb in enumerate(micro_batches):
             sync = i == len(micro_batches) - 1  # all-reduce gradients only on the last micro-step

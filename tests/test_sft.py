@@ -121,6 +121,8 @@ def test_released_json_reader(tmp_path):
     (["--task", "gp-x"], "gp-x"),
     (["--task", "gp-l", "--data", "json", "--data-file", "missing.json"], "does not exist"),
     (["--task", "gp-vl", "--model-name", "TEXT_CKPT"], "cannot take images"),
+    (["--task", "gp-l", "--learning-rate", "0"], "--learning-rate must be > 0"),
+    (["--task", "gp-vl", "--vision-learning-rate", "-1e-3"], "--vision-learning-rate must be > 0"),
 ])
 def test_bad_input_stops_before_training(args, message, tmp_path):
     if "TEXT_CKPT" in args:
@@ -130,6 +132,21 @@ def test_bad_input_stops_before_training(args, message, tmp_path):
     p = run(args + ["--output-dir", str(tmp_path / "runs"), "--run-name", "bad"], cwd=tmp_path, check=False)
     assert p.returncode != 0 and message in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "runs" / "bad" / "final").exists()
+
+
+def test_vision_parameters_are_the_vision_tower_and_connector():
+    model, _ = sft.load_model("tiny", vl_task=True)
+    names = [n for n, _ in model.named_parameters()]
+    vision = [n for n in names if sft.is_vision_param(n)]
+    assert vision and all(".vision_model." in n or ".connector." in n for n in vision)
+    assert not any(sft.is_vision_param(n) for n in names if ".text_model." in n or n.startswith("lm_head"))
+
+
+def test_card_hits_counts_each_named_card_once():
+    response = '{"cards": [\'A\', \'A\', \'10\', \'K\'], "number": [1, 1, 10, 10], "formula": "1+1"}'
+    assert sft.card_hits(response, ["A", "10", "10", "Q"]) == 2  # one A (the hand has one), one 10
+    assert sft.card_hits(response, ["A", "A", "10", "K"]) == 4
+    assert sft.card_hits("no json here", ["A", "2", "3", "4"]) == 0
 
 
 def test_resume_continues_from_saved_step(tmp_path):
