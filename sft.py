@@ -458,11 +458,10 @@ def format_valid(task: str, response: str) -> bool:
 
 
 def card_hits(response: str, cards: list) -> int:
-    """How many of the hand's cards the answer's "cards" field names (multiset overlap, 0-4): a per-card view of
-    recognition that moves before whole-hand recognition does."""
-    from collections import Counter
+    """How many of the hand's cards the answer's "cards" field names at their position, left to right (0-4; chance
+    1/13 per card): a per-card view of recognition that moves before whole-hand recognition does."""
     from envs import re_match, robust_str_to_list
-    return sum((Counter(robust_str_to_list(re_match(response, "cards"))) & Counter(cards)).values())
+    return sum(a == b for a, b in zip(robust_str_to_list(re_match(response, "cards")), cards))
 
 
 @torch.no_grad()

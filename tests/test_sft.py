@@ -142,9 +142,10 @@ def test_vision_parameters_are_the_vision_tower_and_connector():
     assert not any(sft.is_vision_param(n) for n in names if ".text_model." in n or n.startswith("lm_head"))
 
 
-def test_card_hits_counts_each_named_card_once():
+def test_card_hits_counts_cards_at_their_position():
     response = '{"cards": [\'A\', \'A\', \'10\', \'K\'], "number": [1, 1, 10, 10], "formula": "1+1"}'
-    assert sft.card_hits(response, ["A", "10", "10", "Q"]) == 2  # one A (the hand has one), one 10
+    assert sft.card_hits(response, ["A", "10", "10", "Q"]) == 2  # positions 1 and 3
+    assert sft.card_hits(response, ["K", "10", "A", "A"]) == 0  # the same multiset in another order
     assert sft.card_hits(response, ["A", "A", "10", "K"]) == 4
     assert sft.card_hits("no json here", ["A", "2", "3", "4"]) == 0
 
