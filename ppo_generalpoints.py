@@ -740,7 +740,8 @@ if __name__ == "__main__":
         raise SystemExit(f"error: --eval-episodes {args.eval_episodes} must be at least the number of ranks")
     if args.model_path not in ("tiny", "smollm2", "smolvlm") and not os.path.exists(args.model_path):
         raise SystemExit(f"error: initial checkpoint {args.model_path!r} not found. RL starts from an SFT checkpoint: "
-                         f"run `python sft.py --task {args.task}` first, or pass --model-path <checkpoint dir>")
+                         f"run `python sft.py --task {args.task} --run-name sft-{args.task}-default` first, or pass "
+                         f"--model-path <checkpoint dir>")
     run_dir = f"runs/{run_name}"
 
     if rank == 0:
