@@ -256,10 +256,11 @@ class Args:
     # Optimization (official: AdamW betas (0.9, 0.98), eps 1e-7, weight decay 0, warm-up + cosine)
     total_steps: int = 30
     """number of optimizer steps (0 with --model-name CKPT: only evaluate CKPT, write nothing)"""
-    local_micro_batch_size: int = 8
-    """examples per forward/backward on each process (HF's `per_device_train_batch_size`)"""
-    gradient_accumulation_steps: int = 1
-    """micro-batches per optimizer step"""
+    local_micro_batch_size: int = 0
+    """examples per forward/backward on each process (HF's `per_device_train_batch_size`; 0: 8 for GP, 4 for
+    V-IRL, whose ~600-token examples take 10-15 GB of activations at 8)"""
+    gradient_accumulation_steps: int = 0
+    """micro-batches per optimizer step (0: 1 for GP, 2 for V-IRL, so that a default step is 8 examples either way)"""
     learning_rate: float = 5e-5
     """peak learning rate (official 7B-11B runs: 1e-6; a 135M model needs more)"""
     vision_learning_rate: Optional[float] = None
@@ -538,9 +539,14 @@ if __name__ == "__main__":
         fail("--data json needs --data-file")
     for name in ("learning_rate", "vision_learning_rate", "total_steps", "local_micro_batch_size",
                  "gradient_accumulation_steps"):
-        value = getattr(args, name)
-        if value is not None and (value < 0 if name == "total_steps" else value <= 0):
-            fail(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'total_steps' else '> 0'}, got {value}")
+        value, positive = getattr(args, name), name in ("learning_rate", "vision_learning_rate")
+        if value is not None and (value <= 0 if positive else value < 0):
+            fail(f"--{name.replace('_', '-')} must be {'> 0' if positive else '>= 0'}, got {value}")
+    default_micro, default_accum = (4, 2) if args.task.startswith("virl") else (8, 1)
+    if args.local_micro_batch_size == 0:
+        args.local_micro_batch_size = default_micro
+        args.gradient_accumulation_steps = args.gradient_accumulation_steps or default_accum
+    args.gradient_accumulation_steps = args.gradient_accumulation_steps or 1
     json_examples = read_llava_json(args.data_file, vl_task, args.image_folder) if args.data == "json" else None
     try:  # fail early if the environment module for the task is not there
         make_env(args.task, "id", split="seen", seed=0)
