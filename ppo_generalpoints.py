@@ -110,7 +110,7 @@ def smollm2_path() -> str:
 
 def smolvlm_path(image_px: int = 256) -> str:
     """SmolVLM (Idefics3) layout: SmolLM2-135M text tower + random 4-layer ViT (patch 16, 256 px -> 16 image tokens)."""
-    path = os.path.join(CACHE_DIR, f"smolvlm-smollm2-135m-{image_px}px")
+    path = os.path.join(CACHE_DIR, f"smolvlm-smollm2-135m-{image_px}px-v2")  # v2: connector scaled as below
     if not os.path.exists(os.path.join(path, "model.safetensors")):
         lm, tok = AutoModelForCausalLM.from_pretrained(smollm2_path()), AutoTokenizer.from_pretrained(smollm2_path())
         tok.chat_template = chat_template(SMOLLM_SYSTEM)  # SmolLM2's template + list content with images
@@ -124,6 +124,12 @@ def smolvlm_path(image_px: int = 256) -> str:
         vlm = Idefics3ForConditionalGeneration(cfg)
         vlm.model.text_model.load_state_dict(lm.model.state_dict())
         vlm.lm_head.weight = vlm.model.text_model.embed_tokens.weight
+        # image tokens enter the text tower at the scale of its word embeddings: with the default init (std 0.02 over
+        # 4096 inputs) their rows were ~10x longer than SmolLM2's, barely varied between images, and SFT learned to
+        # ignore them (per-card recognition stayed at chance)
+        proj = vlm.model.connector.modality_projection.proj  # Linear(4096 -> 576, no bias)
+        text_std = vlm.model.text_model.embed_tokens.weight.std().item()
+        torch.nn.init.normal_(proj.weight, std=text_std / proj.in_features ** 0.5)
         tmp = path + f".tmp{os.getpid()}"
         save_checkpoint(vlm, processor, tmp)
         shutil.rmtree(path, ignore_errors=True)

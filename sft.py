@@ -101,7 +101,7 @@ def smollm2_path() -> str:
 
 def smolvlm_path(image_px: int = 256) -> str:
     """SmolVLM (Idefics3) layout: SmolLM2-135M text tower + random 4-layer ViT (patch 16, 256 px -> 16 image tokens)."""
-    path = os.path.join(CACHE_DIR, f"smolvlm-smollm2-135m-{image_px}px")
+    path = os.path.join(CACHE_DIR, f"smolvlm-smollm2-135m-{image_px}px-v2")  # v2: connector scaled as below
     if not os.path.exists(os.path.join(path, "model.safetensors")):
         lm, tok = AutoModelForCausalLM.from_pretrained(smollm2_path()), AutoTokenizer.from_pretrained(smollm2_path())
         tok.chat_template = chat_template(SMOLLM_SYSTEM)  # SmolLM2's template + list content with images
@@ -115,6 +115,12 @@ def smolvlm_path(image_px: int = 256) -> str:
         vlm = Idefics3ForConditionalGeneration(cfg)
         vlm.model.text_model.load_state_dict(lm.model.state_dict())
         vlm.lm_head.weight = vlm.model.text_model.embed_tokens.weight
+        # image tokens enter the text tower at the scale of its word embeddings: with the default init (std 0.02 over
+        # 4096 inputs) their rows were ~10x longer than SmolLM2's, barely varied between images, and SFT learned to
+        # ignore them (per-card recognition stayed at chance)
+        proj = vlm.model.connector.modality_projection.proj  # Linear(4096 -> 576, no bias)
+        text_std = vlm.model.text_model.embed_tokens.weight.std().item()
+        torch.nn.init.normal_(proj.weight, std=text_std / proj.in_features ** 0.5)
         tmp = path + f".tmp{os.getpid()}"
         save_checkpoint(vlm, processor, tmp)
         shutil.rmtree(path, ignore_errors=True)
@@ -255,7 +261,7 @@ class Args:
 
     # Optimization (official: AdamW betas (0.9, 0.98), eps 1e-7, weight decay 0, warm-up + cosine)
     total_steps: int = 30
-    """number of optimizer steps (0 with --model-name CKPT: only evaluate CKPT, write nothing)"""
+    """number of optimizer steps (0 with --model-name CKPT: only evaluate CKPT; metrics are logged, no checkpoint is written)"""
     local_micro_batch_size: int = 0
     """examples per forward/backward on each process (HF's `per_device_train_batch_size`; 0: 8 for GP, 4 for
     V-IRL, whose ~600-token examples take 10-15 GB of activations at 8)"""
@@ -264,7 +270,7 @@ class Args:
     learning_rate: float = 5e-5
     """peak learning rate (official 7B-11B runs: 1e-6; a 135M model needs more)"""
     vision_learning_rate: Optional[float] = None
-    """peak learning rate of a VL model's vision tower and connector (None: 1e-3 for `--model-name
+    """peak learning rate of a VL model's vision tower and connector (None: 2e-4 for `--model-name
     default|smolvlm|tiny`, whose vision tower starts random; --learning-rate for any other model, the official
     single rate)"""
     warmup_steps: int = 5
@@ -632,7 +638,7 @@ if __name__ == "__main__":
     # projector of LLaVA's stage 1); `lr_scale` multiplies the scheduled peak-relative rate of each group.
     vision_lr = args.vision_learning_rate
     if vision_lr is None:
-        vision_lr = 1e-3 if vl_task and args.model_name in ("default", "smolvlm", "tiny") else args.learning_rate
+        vision_lr = 2e-4 if vl_task and args.model_name in ("default", "smolvlm", "tiny") else args.learning_rate
     vision = [p for n, p in model.named_parameters() if p.requires_grad and is_vision_param(n)]
     text = [p for n, p in model.named_parameters() if p.requires_grad and not is_vision_param(n)]
     groups = [dict(params=text, lr_scale=1.0)] + ([dict(params=vision, lr_scale=vision_lr / args.learning_rate)]
