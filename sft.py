@@ -635,14 +635,18 @@ if __name__ == "__main__":
     synced_gpus = distributed and args.dist_strategy == "fsdp"
 
     # Two parameter groups: a random vision tower needs a far larger step than the pretrained text tower (as the
-    # projector of LLaVA's stage 1); `lr_scale` multiplies the scheduled peak-relative rate of each group.
+    # projector of LLaVA's stage 1). `lr_scales[i]` multiplies the scheduled rate of group i; it comes from the args,
+    # not from the optimizer state, so a resumed run uses the rates it is given.
     vision_lr = args.vision_learning_rate
     if vision_lr is None:
         vision_lr = 2e-4 if vl_task and args.model_name in ("default", "smolvlm", "tiny") else args.learning_rate
-    vision = [p for n, p in model.named_parameters() if p.requires_grad and is_vision_param(n)]
-    text = [p for n, p in model.named_parameters() if p.requires_grad and not is_vision_param(n)]
-    groups = [dict(params=text, lr_scale=1.0)] + ([dict(params=vision, lr_scale=vision_lr / args.learning_rate)]
-                                                  if vision else [])
+    text, vision = [], []
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            (vision if is_vision_param(n) else text).append(p)
+    groups, lr_scales = [dict(params=text)], [1.0]
+    if vision:
+        groups, lr_scales = groups + [dict(params=vision)], lr_scales + [vision_lr / args.learning_rate]
     optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=args.adam_betas, eps=args.adam_eps,
                                   weight_decay=args.weight_decay)
     start_step, tokens_seen = state.get("step", 0), state.get("tokens", 0)
@@ -706,8 +710,8 @@ if __name__ == "__main__":
         num_response_tokens = sum(int(mb["loss_mask"].sum()) for mb in micro_batches)  # normaliser for the step
 
         lr = get_lr(step, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
+        for group, scale in zip(optimizer.param_groups, lr_scales):
+            group["lr"] = lr * scale
         loss_sum = 0.0
         for i, mb in enumerate(micro_batches):
             sync = i == len(micro_batches) - 1  # all-reduce gradients only on the last micro-step
