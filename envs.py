@@ -1,17 +1,19 @@
-"""Environments of "SFT Memorizes, RL Generalizes" (Chu et al., ICML 2025): GeneralPoints and V-IRL.
+"""Environments and verifiers of "SFT Memorizes, RL Generalizes" (Chu et al., ICML 2025): GeneralPoints and V-IRL.
+Leaves out data preparation: the offline V-IRL world is built once by make_virl_world.py (run on first use).
+Details: README.md (GeneralPoints), docs/virl_env.md (V-IRL); departures from the official code say `# DEPARTURE:`.
 
 Shared by sft.py, ppo_generalpoints.py, ppo_virl.py and eval.py (as CleanRL scripts import
-`cleanrl_utils.atari_wrappers`). Everything here reproduces the official code (LeslieTrue/SFTvsRL,
-commit 5a6ea55); departures are listed in the README and marked `# DEPARTURE:` below.
+`cleanrl_utils.atari_wrappers`). Everything here reproduces the official code (LeslieTrue/SFTvsRL, commit 5a6ea55).
 
 Episode API (gymnasium-style, without gymnasium):
     obs, info = env.reset(seed=None)
     obs, reward, terminated, truncated, info = env.step(response_text)
     obs = {"messages": [...chat messages to feed the model next...], "image": PIL.Image | None}
 
-Try it by hand:
-    python envs.py gp-l                 # you type formulas, the verifier answers
+Play one episode by hand (a bare formula or action goes into the oracle's answer block) or let the oracle play:
+    python envs.py gp-l --seed 1        # type formulas such as (1+2)*8, the verifier answers
     python envs.py gp-vl --save-image cards.png --seed 3
+    python envs.py virl-l --auto        # the oracle navigates a route of the generated world
 """
 from __future__ import annotations
 
@@ -24,8 +26,8 @@ import os
 import pickle
 import random
 import re
-import shutil
-import tempfile
+import subprocess
+import sys
 from collections import Counter
 from fractions import Fraction
 from functools import lru_cache
@@ -57,6 +59,10 @@ REWARD_FN = {
 }
 STEP_LIMIT_REWARD = -1  # general_points_oneline.py: the (verify_iter+1)-th call, answer not checked
 OUTCOME_OF_REWARD = {v: k for k, v in REWARD_FN.items()}
+# info["outcome"] of a GP step (the trainers' rollout/outcome/* metrics): a REWARD_FN key, a sum of several errors, or
+# the unchecked call after the budget
+GP_OUTCOMES = ("CORRECT_SOLUTION", "PARTIAL_SOLUTION", "NO_SOLUTION", "INCORRECT_VISION", "INCORRECT_NUMBER",
+               "ILLEGAL_FORMULA", "AGGREGATED_ERROR", "STEP_LIMIT")
 
 # utils_general.py RE_PATTERN_DICT
 RE_PATTERN_DICT = {
@@ -582,45 +588,6 @@ class GeneralPointsEnv:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Terminal demo
-# ---------------------------------------------------------------------------------------------------------------
-def gp_main(argv=None):
-    p = argparse.ArgumentParser(description="Play GeneralPoints in the terminal: type a formula, e.g. (1+2)*8")
-    p.add_argument("task", choices=["gp-l", "gp-vl"])
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--ood", action="store_true", help="rule OOD: J, Q, K count as 11, 12, 13 (at least one)")
-    p.add_argument("--color", default="mixed", choices=sorted(SUITS))
-    p.add_argument("--verify-iter", type=int, default=5)
-    p.add_argument("--save-image", default=None, help="write the rendered card image to this PNG and exit")
-    p.add_argument("--image-size", type=int, default=None)
-    a = p.parse_args(argv)
-    env = GeneralPointsEnv(treat_face_cards_as_10=not a.ood, ood=a.ood, face_cards_color=a.color,
-                           verify_iter=a.verify_iter, language_only=a.task == "gp-l" and a.save_image is None,
-                           image_size=a.image_size)
-    obs, info = env.reset(seed=a.seed)
-    if a.save_image:
-        obs["image"].save(a.save_image)
-        print(f"wrote {a.save_image}: cards {info['cards']} suits {info['suits']}")
-        return
-    print(obs["messages"][0]["content"])
-    print(f"(instance {info['instance_id']}, {'seen' if info['seen'] else 'unseen'}; type a formula, or a full "
-          f"answer block starting with '{{'; empty line quits)")
-    while True:
-        try:
-            line = input("formula> ").strip()
-        except EOFError:
-            return
-        if not line:
-            return
-        text = line if line.startswith("{") else env._response(env.cards, env.values, line)
-        obs, reward, terminated, truncated, info = env.step(text)
-        print(f"reward {reward:+g}  {info['verify_info']}")
-        if terminated or truncated:
-            print("episode over:", "solved" if terminated else "out of attempts", "| a solution:", env.solutions[0])
-            return
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # V-IRL navigation (gym_virl/Navigation-v0). Official strings, character for character
 # ---------------------------------------------------------------------------------------------------------------
 Q_VIRL_L = '\n[Task Description]\nYou are an expert in navigation. You will receive a sequence of instructions to follow. You\nare also provided with your observation and action history in text. Your goal is to first analyze the instruction and identify the next sentence to be executed. \nThen, you need to provide the action to be taken based on the current observation and instruction.\n\n[Instruction]\n{instruction}\n\n[Action space]\n{action_space}\n\n[Observations and actions sequence]\n{obs_act_seq}\n\n[Output]\n{{\n  "current observation": latest observation from the observation sequence,\n  "current instruction": analyze the full instruction and identify the sentence to be executed,\n  "action": the action to be taken chosen from the action space,\n}}\n'  # noqa: E501
@@ -641,6 +608,7 @@ VIRL_MSG_STEP_LIMIT = "Exceed maximum verify steps"  # navigation_environment.py
 REWARD_FN_VIRL = {"CORRECT_ACTION": 1, "INCORRECT_ACTION": -1, "INCORRECT_OBS": -1.5,
                   "INCORRECT_INSTRUCTION": -1.75}  # the last one is defined but never used by the official verifier
 VIRL_STEP_LIMIT_REWARD = -1
+VIRL_OUTCOMES = ("CORRECT_ACTION", "INCORRECT_ACTION", "INCORRECT_OBS", "STEP_LIMIT")  # info["outcome"] of a V-IRL step
 VIRL_DIRECTIONS_ABS = ["north", "northeast", "east", "southeast", "south", "southwest", "west", "northwest"]
 VIRL_DIRECTIONS_REL = ["left", "right", "slightly left", "slightly right"]
 VIRL_NO_LANDMARK_BLOCK = "No landmark nearby"    # default of a milestone block without `landmarks` (singular!)
@@ -681,31 +649,6 @@ def virl_haversine(a, b):
     h = (np.sin((b[..., 0] - a[..., 0]) / 2) ** 2
          + np.cos(a[..., 0]) * np.cos(b[..., 0]) * np.sin((b[..., 1] - a[..., 1]) / 2) ** 2)
     return 2 * EARTH_RADIUS_M * np.arcsin(np.sqrt(np.minimum(h, 1.0)))
-
-
-def virl_bearing(a, b) -> float:
-    """Initial compass bearing in degrees [0, 360) from a to b (0 = north, 90 = east)."""
-    la1, lo1, la2, lo2 = map(math.radians, (a[0], a[1], b[0], b[1]))
-    y = math.sin(lo2 - lo1) * math.cos(la2)
-    x = math.cos(la1) * math.sin(la2) - math.sin(la1) * math.cos(la2) * math.cos(lo2 - lo1)
-    return math.degrees(math.atan2(y, x)) % 360
-
-
-def virl_compass_word(heading: float) -> str:
-    return VIRL_DIRECTIONS_ABS[int(((heading % 360) + 22.5) // 45) % 8]
-
-
-def virl_spatial_word(heading: float, bearing_to_landmark: float) -> str:
-    """Where a landmark lies for an agent facing `heading`: front, right front, right, right behind, behind, ..."""
-    rel = (bearing_to_landmark - heading + 540) % 360 - 180
-    side, a = ("right" if rel > 0 else "left"), abs(rel)
-    if a <= 22.5:
-        return "front"
-    if a >= 157.5:
-        return "behind"
-    if 67.5 <= a <= 112.5:
-        return side
-    return f"{side} front" if a < 67.5 else f"{side} behind"
 
 
 class VirlRelocator:
@@ -884,12 +827,6 @@ def virl_obs_act_seq(oracles: list[str], actions: list[str], language_only: bool
 # ---------------------------------------------------------------------------------------------------------------
 # Street views: equirectangular panorama -> 4 perspective views -> 2x2 grid
 # ---------------------------------------------------------------------------------------------------------------
-def virl_pano_column_heading(theta, rotation):
-    """World compass heading seen at pano yaw `theta` (degrees, 0..360 across the image width, left to right).
-    Inverse of the official camera heading ((h - 180) mod 360 + rotation) mod 360."""
-    return (np.asarray(theta) - rotation + 180) % 360
-
-
 def virl_perspective_view(pano: np.ndarray, heading: float, rotation: float = 0.0, fov: float = 90.0,
                           size: int = 640, pitch: float = 0.0) -> np.ndarray:
     """Pinhole view of an equirectangular panorama (H, W, 3) uint8, looking at compass `heading`.
@@ -933,7 +870,7 @@ def virl_view_grid(pano, cur_heading: float, rotation: float = 0.0, resolution: 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Loading the official files (the generated world goes through the same code)
+# Loading the official files (a generated world has the same files; make_virl_world.py builds it on first use)
 # ---------------------------------------------------------------------------------------------------------------
 _VIRL_ROUTE_KEYS = (("start_place", "relocated_geocode"), ("route_results", "geocode_list"), ("milestone_info",))
 
@@ -994,336 +931,34 @@ def virl_load_panorama(panorama_dir, pano_id: str):
         return np.asarray(im.convert("RGB")), rotation
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The offline generated world: a procedural city written in the official file format
-# ---------------------------------------------------------------------------------------------------------------
-VIRL_WORLD_VERSION = 1
-VIRL_CATEGORIES = ["Hotel", "Cafe", "Bank", "Pharmacy", "Bookstore", "Bakery", "Museum", "Pizzeria", "Gym", "Florist",
-                   "Deli", "Bar", "Library", "Theater", "Market", "Barber"]
-VIRL_SKINS = {
-    # name: origin (lat, lng), grid rotation, sky top/horizon, road, palette (facades), windows, window cell (w, h),
-    #       sign colours, name stems, "stem category" or "category stem" order
-    "nyc": dict(origin=(40.7420, -73.9890), rot=22.0, sky=((92, 140, 205), (190, 215, 240)), road=(70, 70, 74),
-                palette=[(150, 75, 55), (170, 95, 70), (120, 60, 45), (185, 160, 130), (100, 100, 110)],
-                window=(40, 50, 70), cell=(6, 8), signs=[(200, 30, 40), (30, 60, 160), (250, 200, 40), (20, 120, 60)],
-                stems=["Hudson", "Bleecker", "Empire", "Gramercy", "Chelsea", "Bowery", "Astor", "Lenox", "Tribeca",
-                       "Delancey", "Madison", "Union", "Fulton", "Mercer", "Nolita", "Harlem", "Carnegie", "Orchard",
-                       "Greene", "Spring"], order="stem"),
-    "milan": dict(origin=(45.4642, 9.1900), rot=24.0, sky=((120, 160, 210), (220, 230, 240)), road=(95, 90, 85),
-                  palette=[(220, 180, 120), (200, 120, 80), (235, 210, 170), (190, 150, 100)], window=(90, 60, 40),
-                  cell=(8, 12), signs=[(0, 120, 80), (180, 20, 30), (240, 240, 230), (60, 60, 60)],
-                  stems=["Duomo", "Brera", "Navigli", "Sforza", "Scala", "Ticinese", "Porta Nuova", "Isola", "Solari",
-                         "Magenta", "Manzoni", "Verdi", "Torino", "Dante", "Cairoli", "Garibaldi"], order="category"),
-    "new_delhi": dict(origin=(28.6139, 77.2090), rot=21.0, sky=((170, 170, 160), (225, 215, 195)), road=(110, 100, 90),
-                      palette=[(230, 200, 150), (200, 90, 60), (240, 230, 210), (120, 160, 150)], window=(70, 50, 40),
-                      cell=(10, 10), signs=[(250, 120, 20), (20, 100, 180), (200, 20, 120), (255, 230, 0)],
-                      stems=["Connaught", "Janpath", "Chandni", "Lodhi", "Hauz Khas", "Karol", "Saket", "Khan",
-                             "Paharganj", "Rajpath", "Lajpat", "Defence", "Nizamuddin", "Moti", "Kamla", "Sunder"],
-                      order="stem"),
-    "buenos_aires": dict(origin=(-34.6037, -58.3816), rot=23.0, sky=((80, 150, 220), (200, 225, 245)),
-                         road=(85, 85, 90), palette=[(240, 235, 220), (200, 200, 190), (170, 120, 160),
-                                                     (110, 140, 190)], window=(30, 30, 40), cell=(7, 14),
-                         signs=[(100, 180, 230), (230, 230, 230), (150, 30, 30), (30, 30, 30)],
-                         stems=["Palermo", "Recoleta", "San Telmo", "Boca", "Belgrano", "Retiro", "Florida",
-                                "Corrientes", "Lavalle", "Almagro", "Caballito", "Mayo", "Defensa", "Tucuman",
-                                "Alvear", "Dorrego"],
-                         order="category"),
-    "london": dict(origin=(51.5074, -0.1278), rot=22.5, sky=((150, 160, 170), (205, 210, 215)), road=(60, 62, 66),
-                   palette=[(160, 70, 50), (230, 225, 210), (90, 90, 95), (140, 110, 80)], window=(250, 250, 240),
-                   cell=(5, 9), signs=[(200, 16, 46), (0, 36, 125), (0, 100, 60), (20, 20, 20)],
-                   stems=["Camden", "Soho", "Mayfair", "Chelsea Green", "Holborn", "Covent", "Strand", "Baker",
-                          "Piccadilly", "Fleet", "Kensington", "Bloomsbury", "Marylebone", "Borough", "Angel",
-                          "Temple"],
-                   order="stem"),
-    "hong_kong": dict(origin=(22.2819, 114.1582), rot=20.5, sky=((110, 150, 190), (210, 220, 230)), road=(55, 55, 60),
-                      palette=[(200, 200, 205), (160, 190, 200), (220, 210, 190), (120, 130, 140)],
-                      window=(60, 90, 110), cell=(4, 5), signs=[(230, 0, 40), (255, 200, 0), (0, 170, 90),
-                                                                 (255, 100, 180)],
-                      stems=["Kowloon", "Wan Chai", "Mong Kok", "Central", "Sheung Wan", "Causeway", "Jordan",
-                             "Tsim Sha", "Admiralty", "Happy Valley", "Sai Ying", "Yau Ma", "Lan Kwai", "Stanley",
-                             "Aberdeen", "Peak"],
-                      order="stem"),
-    "melbourne": dict(origin=(-37.8136, 144.9631), rot=23.5, sky=((100, 170, 230), (210, 235, 250)), road=(75, 78, 80),
-                      palette=[(190, 120, 90), (100, 110, 120), (210, 190, 160), (70, 90, 80)], window=(30, 40, 50),
-                      cell=(9, 9), signs=[(0, 90, 170), (250, 190, 0), (120, 40, 120), (230, 80, 30)],
-                      stems=["Flinders", "Collins", "Bourke", "Swanston", "Fitzroy", "Carlton", "Southbank",
-                             "Docklands", "Lygon", "Degraves", "Hosier", "Elizabeth", "Spencer", "Lonsdale",
-                             "Exhibition", "Russell"],
-                      order="category"),
-    "lagos": dict(origin=(6.5244, 3.3792), rot=21.5, sky=((140, 180, 215), (230, 235, 230)), road=(120, 105, 90),
-                  palette=[(240, 220, 100), (90, 160, 90), (230, 140, 70), (200, 200, 200)], window=(50, 40, 30),
-                  cell=(12, 9), signs=[(0, 135, 80), (250, 250, 250), (220, 60, 30), (40, 40, 160)],
-                  stems=["Ikeja", "Lekki", "Yaba", "Surulere", "Victoria", "Ikoyi", "Marina", "Apapa", "Ebute",
-                         "Obalende", "Oshodi", "Ajah", "Festac", "Agege", "Onikan", "Broad"], order="stem"),
-    "san_francisco": dict(origin=(37.7749, -122.4194), rot=23.0, sky=((150, 190, 225), (235, 240, 245)),
-                          road=(80, 82, 85), palette=[(230, 200, 210), (170, 210, 220), (240, 230, 190),
-                                                      (200, 150, 120)], window=(40, 60, 80), cell=(6, 12),
-                          signs=[(190, 50, 30), (40, 110, 170), (250, 160, 30), (90, 50, 130)],
-                          stems=["Mission", "Castro", "Haight", "Nob Hill", "Presidio", "Embarcadero", "Marina Bay",
-                                 "Sunset", "Richmond", "Dogpatch", "Noe", "Potrero", "Tenderloin", "Russian Hill",
-                                 "Sutter", "Valencia"], order="category"),
-}
-# the VLN-mini analogue (visual OOD): 2 routes in each of 9 cities, fixed order; "nyc" here is a different city
-# layout (other seed) with held-out routes, as VLN mini also contains New York routes
-VIRL_VLN_MINI_SKINS = ["milan", "new_delhi", "buenos_aires", "london", "hong_kong", "nyc", "melbourne", "lagos",
-                       "san_francisco"]
+VIRL_WORLD_VERSION = 1  # of the worlds make_virl_world.py writes: part of their folder name and random streams
 
 
-class _VirlCity:
-    """A jittered, rotated street grid (nodes, edges, panorama points, corner landmarks) in local metres."""
-
-    def __init__(self, skin: str, rng: random.Random, grid_size: int, block_m: float, points_per_block: int,
-                 landmark_prob: float, city_idx: int = 0):
-        self.skin, self.s, self.G, self.block = skin, VIRL_SKINS[skin], grid_size, block_m
-        lat0, lng0 = self.s["origin"]
-        self.lat0, self.lng0 = lat0 + 0.01 * city_idx, lng0  # a second city of the same skin sits ~1 km north
-        self.rot = math.radians(self.s["rot"])
-        self.nodes = {}
-        for i in range(grid_size):
-            for j in range(grid_size):
-                gx, gy = i * block_m + rng.uniform(-3, 3), j * block_m + rng.uniform(-3, 3)
-                self.nodes[(i, j)] = self._rotate(gx, gy)
-        self.edges = [((i, j), (i + di, j + dj)) for i in range(grid_size) for j in range(grid_size)
-                      for di, dj in ((1, 0), (0, 1)) if i + di < grid_size and j + dj < grid_size]
-        self.points = [(self.nodes[n], "node", n) for n in self.nodes]  # (xy, kind, key)
-        for a, b in self.edges:
-            for k in range(1, points_per_block + 1):
-                f = k / (points_per_block + 1)
-                xy = tuple(self.nodes[a][t] * (1 - f) + self.nodes[b][t] * f for t in range(2))
-                self.points.append((xy, "edge", (a, b)))
-        names = [f"{st} {c}" if self.s["order"] == "stem" else f"{c} {st}" for st in self.s["stems"]
-                 for c in VIRL_CATEGORIES]
-        rng.shuffle(names)
-        self._names = names
-        self.landmarks = []  # dict(name, xy, node, colour)
-        for n in sorted(self.nodes):
-            for q in range(4):
-                if rng.random() < landmark_prob:
-                    self.add_landmark(n, q, rng)
-
-    def _rotate(self, gx, gy):
-        c, s = math.cos(self.rot), math.sin(self.rot)  # compass rotation: grid +y (north) turns clockwise by rot
-        return (gx * c + gy * s, -gx * s + gy * c)
-
-    def add_landmark(self, node, quadrant, rng):
-        if not self._names:
-            return None
-        bearing = math.degrees(self.rot) + 45 + 90 * quadrant  # corner between two streets
-        x0, y0 = self.nodes[node]
-        r = 14.0
-        xy = (x0 + r * math.sin(math.radians(bearing)), y0 + r * math.cos(math.radians(bearing)))
-        name = self._names.pop()
-        lm = {"name": name, "xy": xy, "node": node, "colour": rng.choice(self.s["signs"])}
-        self.landmarks.append(lm)
-        return lm
-
-    def latlng(self, xy):
-        lat = self.lat0 + math.degrees(xy[1] / EARTH_RADIUS_M)
-        lng = self.lng0 + math.degrees(xy[0] / (EARTH_RADIUS_M * math.cos(math.radians(self.lat0))))
-        return (round(lat, 7), round(lng, 7))
-
-    def neighbours(self, n):
-        i, j = n
-        return [m for m in ((i + 1, j), (i - 1, j), (i, j + 1), (i, j - 1)) if m in self.nodes]
-
-    def street_bearings(self, kind, key):
-        def brg(a, b):
-            return math.degrees(math.atan2(b[0] - a[0], b[1] - a[1])) % 360
-        if kind == "node":
-            return [brg(self.nodes[key], self.nodes[m]) for m in self.neighbours(key)]
-        a, b = key
-        return [brg(self.nodes[a], self.nodes[b]), brg(self.nodes[b], self.nodes[a])]
-
-    def render(self, xy, kind, key, size, rotation) -> Image.Image:
-        """Equirectangular panorama at xy: sky, facades with windows (colour per block), road with centre lines
-        along the street directions, and a named sign for every landmark within 45 m, at its true bearing."""
-        W, H = size
-        s = self.s
-        theta = (np.arange(W) + 0.5) / W * 360
-        heading = virl_pano_column_heading(theta, rotation)                       # (W,)
-        elev = 90 - (np.arange(H) + 0.5) / H * 180                                # (H,)
-        streets = np.array(self.street_bearings(kind, key))
-        d = np.abs((heading[:, None] - streets[None, :] + 180) % 360 - 180).min(axis=1)  # (W,)
-        img = np.empty((H, W, 3), np.float32)
-        t = np.clip(elev / 90, 0, 1)[:, None, None]
-        img[:] = (1 - t) * np.array(s["sky"][1], np.float32) + t * np.array(s["sky"][0], np.float32)
-        ground = np.broadcast_to((elev < -4)[:, None], (H, W))
-        img[ground] = s["road"]
-        # facade colour per block: look 25 m towards the column, grid cell of that point
-        c, sn = math.cos(-self.rot), math.sin(-self.rot)
-        px = xy[0] + 25 * np.sin(np.radians(heading))
-        py = xy[1] + 25 * np.cos(np.radians(heading))
-        gx, gy = px * c + py * sn, -px * sn + py * c
-        cell = (np.floor(gx / self.block) * 7 + np.floor(gy / self.block) * 13).astype(np.int64)
-        palette = np.array(s["palette"], np.float32)
-        facade_rgb = palette[cell % len(palette)]                                 # (W, 3)
-        top = np.where(d < 14, 6.0, 28.0 + 8.0 * ((cell % 3) - 1))                # open street vs facade
-        facade = (elev[:, None] > -4) & (elev[:, None] < top[None, :])            # (H, W)
-        img[facade] = np.broadcast_to(facade_rgb[None, :, :], (H, W, 3))[facade]
-        cw, ch = s["cell"]
-        cols, rows = np.arange(W) // cw % 2 == 1, np.arange(H) // ch % 2 == 1
-        win = facade & rows[:, None] & cols[None, :] & (d >= 14)[None, :] & (elev[:, None] > 0)
-        img[win] = s["window"]
-        lane = ground & (d < 1.5)[None, :] & ((np.arange(H) // 4) % 2 == 0)[:, None]
-        img[lane] = (235, 220, 120)
-        im = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
-        draw = ImageDraw.Draw(im)
-        for lm in self.landmarks:
-            dx, dy = lm["xy"][0] - xy[0], lm["xy"][1] - xy[1]
-            r = math.hypot(dx, dy)
-            if r > 45 or r < 1:
-                continue
-            b = math.degrees(math.atan2(dx, dy)) % 360
-            half = min(40.0, math.degrees(math.atan2(5.0, r)))
-            top_e, bot_e = math.degrees(math.atan2(6.0, r)), math.degrees(math.atan2(1.0, r))
-            cx = ((b - 180) % 360 + rotation) % 360 / 360 * W
-            x0, x1 = cx - half / 360 * W, cx + half / 360 * W
-            y0, y1 = (90 - top_e) / 180 * H, (90 - bot_e) / 180 * H
-            fsize = max(6, int((y1 - y0) / 3))
-            font = _font(fsize)
-            text_rgb = (0, 0, 0) if sum(lm["colour"]) > 400 else (255, 255, 255)
-            words = lm["name"].split()
-            lines = [" ".join(words[: (len(words) + 1) // 2]), " ".join(words[(len(words) + 1) // 2:])]
-            for off in (-W, 0, W):  # signs that straddle the seam are drawn on both sides
-                draw.rectangle([x0 + off, y0, x1 + off, y1], fill=lm["colour"], outline=(0, 0, 0))
-                for li, line in enumerate(lines):
-                    draw.text((x0 + off + 2, y0 + 2 + li * (fsize + 1)), line, fill=text_rgb, font=font)
-        return im
+def virl_world_files(folder) -> dict:
+    """The four paths of a V-IRL data folder in the official layout (nyc_1k_routes/ and every generated world)."""
+    d = Path(folder)
+    return {"route_info_path": str(d / "route_infos.json"),
+            "heldout_route_info_path": str(d / "route_infos_heldout.json"),
+            "gps_to_pano_path": str(d / "gps_pano_mapping.pkl"), "panorama_dir": str(d / "street_views")}
 
 
-def _virl_make_routes(city: _VirlCity, rng: random.Random, count: int, taken: set, pair_taken: set):
-    """Routes of 2..4 legs of 1..3 blocks with 90-degree turns, no node visited twice, ending at a node with a
-    landmark (one is added if needed). `taken`: node sequences in use; `pair_taken`: (start, dest) pairs in use."""
-    routes, tries = [], 0
-    while len(routes) < count:
-        tries += 1
-        if tries > 200000:
-            raise RuntimeError(f"could not make {count} distinct routes on a {city.G}x{city.G} grid; enlarge it")
-        start = rng.choice(sorted(city.nodes))
-        di, dj = rng.choice([(1, 0), (-1, 0), (0, 1), (0, -1)])
-        path, anchors, ok = [start], [start], True
-        for leg in range(rng.randint(2, 4)):
-            if leg > 0:
-                di, dj = rng.choice([(dj, -di), (-dj, di)])  # turn right or left
-            for _ in range(rng.randint(1, 3)):
-                nxt = (path[-1][0] + di, path[-1][1] + dj)
-                if nxt not in city.nodes or nxt in path:
-                    ok = False
-                    break
-                path.append(nxt)
-            if not ok:
-                break
-            anchors.append(path[-1])
-        if not ok or tuple(path) in taken or (start, path[-1]) in pair_taken:
-            continue
-        taken.add(tuple(path))
-        pair_taken.add((start, path[-1]))
-        routes.append(anchors)
-    return routes
-
-
-def _virl_route_dict(city: _VirlCity, anchors, rng: random.Random, route_id: str) -> dict:
-    def near(node):
-        lms = [lm for lm in city.landmarks if lm["node"] == node]
-        return min(lms, key=lambda lm: lm["name"]) if lms else None
-
-    dest_lm = near(anchors[-1])
-    if dest_lm is None:
-        dest_lm = city.add_landmark(anchors[-1], rng.randrange(4), rng)
-    blocks, landmark_list = [], []
-    for k in range(1, len(anchors)):
-        a, b = city.nodes[anchors[k - 1]], city.nodes[anchors[k]]
-        heading = round(math.degrees(math.atan2(b[0] - a[0], b[1] - a[1]))) % 360
-        lm = dest_lm if k == len(anchors) - 1 else near(anchors[k])
-        lines = [f"    intersection_id: {k}"]
-        if lm is not None:
-            lm_brg = math.degrees(math.atan2(lm["xy"][0] - b[0], lm["xy"][1] - b[1])) % 360
-            lines.append(f"    landmarks: {lm['name']} is on your {virl_spatial_word(heading, lm_brg)}")
-        lines.append(f"    to_next_intersection_heading: {heading} ({virl_compass_word(heading)})")
-        blocks.append("{\n" + "\n".join(lines) + "\n}")
-        landmark_list.append(None if lm is None else {"name": lm["name"], "geocode": list(city.latlng(lm["xy"]))})
-    start = list(city.latlng(city.nodes[anchors[0]]))
-    return {"route_id": route_id,
-            "start_place": {"name": f"start of {route_id}", "geocode": start, "relocated_geocode": start},
-            "dest_place": {"name": dest_lm["name"], "geocode": list(city.latlng(dest_lm["xy"]))},
-            "route_results": {"geocode_list": [list(city.latlng(city.nodes[n])) for n in anchors[1:]],
-                              "landmark_list": landmark_list},
-            "milestone_info": "\n".join(blocks)}
-
-
-def generate_virl_world(out_dir, num_routes: int = 300, num_heldout_routes: int = 60, seed: int = 0,
-                        skin="nyc", grid_size: int = 8, block_m: float = 70.0, points_per_block: int = 3,
-                        landmark_prob: float = 0.3, pano_size=(512, 256)) -> dict:
-    """Write a procedural V-IRL world in the official format: route_infos.json (training routes),
-    route_infos_heldout.json (routes with (start, destination) pairs and paths disjoint from training),
-    gps_pano_mapping.pkl and street_views/{pano_id}.jpg + .metadata.json. `skin` is one city skin or a list of skins
-    (one city each, `num_routes` split evenly in that order, e.g. VIRL_VLN_MINI_SKINS with 18 routes).
-    Deterministic in (seed, skin, sizes). Returns the dict of the four paths."""
-    skins = [skin] if isinstance(skin, str) else list(skin)
-    for sk in skins:
-        if sk not in VIRL_SKINS:
-            raise ValueError(f"unknown V-IRL city skin {sk!r}; choose from {sorted(VIRL_SKINS)}")
-    if len(skins) > 1 and num_routes % len(skins):
-        raise ValueError(f"num_routes={num_routes} must be a multiple of the {len(skins)} skins")
-    out = Path(out_dir)
-    views = out / "street_views"
-    views.mkdir(parents=True, exist_ok=True)
-    mapping, train, heldout = {}, [], []
-    for ci, sk in enumerate(skins):
-        rng = random.Random(f"virl-world-v{VIRL_WORLD_VERSION}:{seed}:{ci}:{sk}:{len(skins)}")
-        city = _VirlCity(sk, rng, grid_size, block_m, points_per_block, landmark_prob,
-                         city_idx=1 if (len(skins) > 1 and sk == "nyc") else 0)
-        n_train = num_routes // len(skins)
-        n_held = num_heldout_routes // len(skins)
-        taken, pairs = set(), set()
-        for k, anchors in enumerate(_virl_make_routes(city, rng, n_train + n_held, taken, pairs)):
-            rid = f"{sk}_{'route' if k < n_train else 'heldout'}_{k:04d}"
-            (train if k < n_train else heldout).append(_virl_route_dict(city, anchors, rng, rid))
-        for pi, (xy, kind, key) in enumerate(city.points):  # landmarks are final now: render
-            pano_id = f"{sk}_{ci:02d}_{pi:05d}"
-            rotation = rng.randrange(360)
-            city.render(xy, kind, key, pano_size, rotation).save(views / f"{pano_id}.jpg", quality=90)
-            geo = city.latlng(xy)
-            (views / f"{pano_id}.metadata.json").write_text(json.dumps(
-                {"pano_id": pano_id, "rotation": rotation, "geocode": list(geo), "skin": sk}))
-            mapping[geo] = pano_id
-    paths = {"route_info_path": str(out / "route_infos.json"),
-             "heldout_route_info_path": str(out / "route_infos_heldout.json"),
-             "gps_to_pano_path": str(out / "gps_pano_mapping.pkl"), "panorama_dir": str(views)}
-    Path(paths["route_info_path"]).write_text(json.dumps([train, len(train)], indent=1))
-    Path(paths["heldout_route_info_path"]).write_text(json.dumps([heldout, len(heldout)], indent=1))
-    with open(paths["gps_to_pano_path"], "wb") as f:
-        pickle.dump(mapping, f)
-    return paths
-
-
-VIRL_WORLDS = {  # name -> generate_virl_world kwargs
-    **{sk: dict(skin=sk, num_routes=300, num_heldout_routes=60) for sk in VIRL_SKINS},
-    "vln_mini": dict(skin=VIRL_VLN_MINI_SKINS, num_routes=18, num_heldout_routes=0, grid_size=5),
-}
+def virl_world_dir(world: str = "nyc", seed: int = 0, cache_dir=None) -> Path:
+    """Where generated world `world` lives: $SFTVSRL_CACHE (or ~/.cache/sftvsrl)/virl/{world}_seed{seed}_v1."""
+    root = Path(cache_dir or os.environ.get("SFTVSRL_CACHE", os.path.expanduser("~/.cache/sftvsrl")))
+    return root / "virl" / f"{world}_seed{seed}_v{VIRL_WORLD_VERSION}"
 
 
 def virl_world_paths(world: str = "nyc", seed: int = 0, cache_dir=None) -> dict:
-    """Paths of a generated world, generating it on first use under $SFTVSRL_CACHE or ~/.cache/sftvsrl
-    (into a temporary folder that is renamed when complete, so concurrent ranks do not see half a world)."""
-    if world not in VIRL_WORLDS:
-        raise ValueError(f"unknown V-IRL world {world!r}; choose from {sorted(VIRL_WORLDS)} or pass route files")
-    root = Path(cache_dir or os.environ.get("SFTVSRL_CACHE", os.path.expanduser("~/.cache/sftvsrl"))) / "virl"
-    final = root / f"{world}_seed{seed}_v{VIRL_WORLD_VERSION}"
-    if not (final / "gps_pano_mapping.pkl").is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{world}_", dir=root))
-        try:
-            generate_virl_world(tmp, seed=seed, **VIRL_WORLDS[world])
-            os.replace(tmp, final)
-        except OSError:
-            if not (final / "gps_pano_mapping.pkl").is_file():
-                raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return {"route_info_path": str(final / "route_infos.json"),
-            "heldout_route_info_path": str(final / "route_infos_heldout.json"),
-            "gps_to_pano_path": str(final / "gps_pano_mapping.pkl"), "panorama_dir": str(final / "street_views")}
+    """Paths of generated world `world` (a city skin or "vln_mini", see make_virl_world.py); the first call runs
+    make_virl_world.py, which builds it in a temporary folder renamed when complete (nyc: ~3 s, ~9 MB)."""
+    folder = virl_world_dir(world, seed, cache_dir)
+    if not (folder / "gps_pano_mapping.pkl").is_file():
+        cmd = [sys.executable, str(Path(__file__).resolve().with_name("make_virl_world.py")), "--world", world,
+               "--seed", str(seed), "--out", str(folder)]
+        done = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            raise ValueError(f"could not generate the V-IRL world {world!r} ({' '.join(cmd)}):\n{done.stderr.strip()}")
+    return virl_world_files(folder)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1519,61 +1154,32 @@ class NavigationEnv:
         return messages + [{"role": "assistant", "content": answer}]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Terminal demo
-# ---------------------------------------------------------------------------------------------------------------
-def virl_main(argv=None):
-    p = argparse.ArgumentParser(description="Play V-IRL navigation in the terminal: type an action such as "
-                                            "forward(), turn_direction(north) or stop()")
-    p.add_argument("task", choices=["virl-l", "virl-vl"])
-    p.add_argument("--world", default="nyc", help=f"generated world: {sorted(VIRL_WORLDS)}")
-    p.add_argument("--split", default="train", choices=["train", "heldout"])
-    p.add_argument("--route-info-path", default=None, help="official route_infos.json (then also the next two)")
-    p.add_argument("--gps-to-pano-path", default=None)
-    p.add_argument("--panorama-dir", default=None)
-    p.add_argument("--route-idx", type=int, default=None)
+if __name__ == "__main__":  # play one episode in the terminal
+    p = argparse.ArgumentParser(description="Play one episode: type a GP formula such as (1+2)*8, a V-IRL action "
+                                "such as forward() or turn_direction(north), or a whole answer block; empty line quits")
+    p.add_argument("task", choices=["gp-l", "gp-vl", "virl-l", "virl-vl"])
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--relative", action="store_true", help="rule OOD: relative turn labels")
-    p.add_argument("--resolution", type=int, default=256, help="size of each of the 4 views (official 1200)")
-    p.add_argument("--save-image", default=None, help="write the 2x2 view grid of the first point to this PNG, exit")
-    p.add_argument("--auto", action="store_true", help="let the oracle answer (one wrong answer first at each point)")
-    a = p.parse_args(argv)
-    env = NavigationEnv(a.route_info_path, a.gps_to_pano_path, a.panorama_dir, absolute_action=not a.relative,
-                        language_only=a.task == "virl-l" and a.save_image is None, resolution=a.resolution,
-                        crop_size=None, world=a.world, split=a.split)
-    obs, info = env.reset(seed=a.seed, options=None if a.route_idx is None else {"route_idx": a.route_idx})
+    p.add_argument("--ood", action="store_true", help="rule OOD: J, Q, K count as 11, 12, 13 / relative turn labels")
+    p.add_argument("--color", default="mixed", choices=sorted(SUITS), help="GP card colours")
+    p.add_argument("--world", default="nyc", help="V-IRL generated world (vln_mini: 9 other cities)")
+    p.add_argument("--auto", action="store_true", help="the oracle answers")
+    p.add_argument("--save-image", default=None, help="write the first image observation to this PNG and exit")
+    a = p.parse_args()
+    gp, kw = a.task.startswith("gp"), dict(language_only=a.task.endswith("-l") and not a.save_image)
+    env = (GeneralPointsEnv(treat_face_cards_as_10=not a.ood, ood=a.ood, face_cards_color=a.color, **kw) if gp
+           else NavigationEnv(absolute_action=not a.ood, world=a.world, resolution=256, crop_size=None, **kw))
+    obs, info = env.reset(seed=a.seed)
     if a.save_image:
         obs["image"].save(a.save_image)
-        print(f"wrote {a.save_image}: route {info['route_idx']}, heading {info['heading']}, pano {info['pano_id']}")
-        return
+        sys.exit()
     print(obs["messages"][-1]["content"])
-    rng = random.Random(0)
-    while True:
-        if a.auto:
-            text = env._wrong_response(rng) if info["remaining_step"] == env.verify_iter else env.oracle_response()
-            print(f"model> {virl_re_match(text, 'action')}")
-        else:
-            try:
-                line = input("action> ").strip()
-            except EOFError:
-                return
-            if not line:
-                return
-            text = line if line.startswith("{") else ResponseVIRL.format(
-                current_observation=info["current_obs"], current_instruction=info["current_instruction"], action=line)
+    for line in iter(env.oracle_response, None) if a.auto else iter(lambda: sys.stdin.readline().strip(), ""):
+        text = line if "{" in line else re.sub(r'"(formula|action)": "[^"]*"', lambda m: f'"{m[1]}": "{line}"',
+                                               env.oracle_response())
         obs, reward, terminated, truncated, info = env.step(text)
-        print(f"reward {reward:+g}  {info['verify_info'].splitlines()[0]}")
+        where = f" | next: {env.rail[env.pos]['oracle']}" if not (gp or env.done) and info["is_correct"] else ""
+        print(f"{re_match(text, 'formula' if gp else 'action')}: reward {reward:+g}, "
+              f"{info['verify_info'].splitlines()[0]}{where}")
         if terminated or truncated:
             print("episode over:", "success" if info["is_success"] else "failed")
-            return
-        if info["outcome"] == "CORRECT_ACTION":
-            print(obs["messages"][-1]["content"].split("[Observations and actions sequence]\n")[1].split("\n\n")[0])
-
-
-if __name__ == "__main__":
-    import sys
-
-    if len(sys.argv) > 1 and sys.argv[1].startswith("virl"):
-        virl_main(sys.argv[1:])
-    else:
-        gp_main()
+            break

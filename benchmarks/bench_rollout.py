@@ -7,7 +7,7 @@
    forward + backward + Adam loop (full logits, token cross-entropy) on the same micro-batches.
 
     python benchmarks/bench_rollout.py                       # SFT checkpoint if present, else SmolLM2-135M
-    python benchmarks/bench_rollout.py --model-name tiny     # seconds
+    python benchmarks/bench_rollout.py --model-path tiny     # seconds
 """
 import os
 import sys
@@ -25,7 +25,7 @@ import ppo_generalpoints as ppo  # noqa: E402
 
 @dataclass
 class BenchArgs:
-    model_name: Optional[str] = None
+    model_path: Optional[str] = None
     """checkpoint / `tiny` / `smollm2` (default: runs/sft-gp-l-default/final if it exists, else smollm2)"""
     num_envs: int = 32
     """parallel episodes of the batched scheme"""
@@ -42,6 +42,13 @@ class BenchArgs:
     seed: int = 1
 
 
+def gen_config(args, tok):
+    """The sampling configuration ppo_*.py builds from its Args."""
+    return ppo.transformers.GenerationConfig(do_sample=True, temperature=args.temperature, top_p=args.top_p,
+                                             top_k=args.top_k, max_new_tokens=args.max_new_tokens,
+                                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+
 def rollout(agent, processor, args, envs, batched: bool) -> tuple:
     """Runs `turns` steps of every env; returns (env steps, wall seconds, CPU seconds of this process, samples)."""
     tok = ppo.tokenizer_of(processor)
@@ -51,12 +58,14 @@ def rollout(agent, processor, args, envs, batched: bool) -> tuple:
     for _ in range(bench.turns):
         for group in groups:
             prompts = ppo.encode_prompts(processor, [obs[i] for i in group], "gp-l")
-            responses, _ = ppo.generate(agent, processor, prompts, args, "cpu", synced_gpus=False)
+            responses = ppo.generate(agent, processor, prompts, gen_config(args, tok), args.share_prefix, "cpu",
+                                     synced_gpus=False)
             batch = []
             for p, r in zip(prompts, responses):
-                cot, answer = ppo.action_masks(tok, r["response_ids"], args.skip_first_tokens)
+                cot, answer = ppo.action_masks(tok, r["response_ids"], ppo.ANSWER_KEY, args.official.skip_first_tokens)
                 batch.append(dict(p, response_ids=r["response_ids"], cot_mask=cot, answer_mask=answer))
-            ppo.score(agent, batch, args, tok.pad_token_id, "cpu")
+            ppo.score(agent, batch, tok.pad_token_id, "cpu", args.micro_batch_size, temperature=args.temperature,
+                      thought_prob_coef=args.thought_prob_coef)
             for i, s in zip(group, batch):
                 obs[i], _, terminated, truncated, _ = envs[i].step(tok.decode(s["response_ids"],
                                                                               skip_special_tokens=True))
@@ -68,7 +77,7 @@ def rollout(agent, processor, args, envs, batched: bool) -> tuple:
 
 if __name__ == "__main__":
     bench = tyro.cli(BenchArgs)
-    name = bench.model_name or ("runs/sft-gp-l-default/final" if os.path.exists("runs/sft-gp-l-default/final")
+    name = bench.model_path or ("runs/sft-gp-l-default/final" if os.path.exists("runs/sft-gp-l-default/final")
                                 else "smollm2")
     torch.manual_seed(bench.seed)
     policy, processor = ppo.load_model(name, vl_task=False)
@@ -102,7 +111,7 @@ if __name__ == "__main__":
 
     def ppo_update():
         for b in batches:
-            newlogprob, newvalue, _, _ = ppo.get_logprob_and_value(agent, b, args)
+            newlogprob, newvalue, _, _ = ppo.get_logprob_and_value(agent, b, args.temperature, args.thought_prob_coef)
             ratio = (newlogprob - newlogprob.detach()).exp()
             adv, ret = torch.ones_like(ratio), torch.zeros_like(newvalue)
             pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(0.9, 1.1)).mean()

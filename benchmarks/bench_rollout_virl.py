@@ -4,8 +4,8 @@ log-prob/value forward) next to the official batch-1 scheme (one episode at a ti
 log-prob/value, protocol.md §4.2). Same envs (episode i is reset with seed i in both), sampling and lengths.
 
     python benchmarks/bench_rollout_virl.py                       # SFT checkpoint if present, else SmolLM2-135M
-    python benchmarks/bench_rollout_virl.py --model-name tiny     # seconds
-    python benchmarks/bench_rollout_virl.py --task virl-vl --model-name tiny
+    python benchmarks/bench_rollout_virl.py --model-path tiny     # seconds
+    python benchmarks/bench_rollout_virl.py --task virl-vl --model-path tiny
 """
 import os
 import sys
@@ -24,7 +24,7 @@ import ppo_virl as ppo  # noqa: E402
 class BenchArgs:
     task: Literal["virl-l", "virl-vl"] = "virl-l"
     """V-IRL-L or V-IRL-VL (the 2x2 grid of the current point as the image of each turn)"""
-    model_name: Optional[str] = None
+    model_path: Optional[str] = None
     """checkpoint / `tiny` / `smollm2` / `smolvlm` (default: runs/sft-{task}-default/final if present, else the base)"""
     num_envs: int = 16
     """parallel episodes of the batched scheme"""
@@ -37,6 +37,13 @@ class BenchArgs:
     seed: int = 1
 
 
+def gen_config(args, tok):
+    """The sampling configuration ppo_*.py builds from its Args."""
+    return ppo.transformers.GenerationConfig(do_sample=True, temperature=args.temperature, top_p=args.top_p,
+                                             top_k=args.top_k, max_new_tokens=args.max_new_tokens,
+                                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+
 def rollout(agent, processor, args, envs, task: str, turns: int, batched: bool) -> tuple:
     """Runs `turns` steps of every env; returns (env steps, seconds)."""
     tok = ppo.tokenizer_of(processor)
@@ -46,12 +53,14 @@ def rollout(agent, processor, args, envs, task: str, turns: int, batched: bool) 
     for _ in range(turns):
         for group in groups:
             prompts = ppo.encode_prompts(processor, [obs[i] for i in group], task)
-            responses, _ = ppo.generate(agent, processor, prompts, args, "cpu", synced_gpus=False)
+            responses = ppo.generate(agent, processor, prompts, gen_config(args, tok), args.share_prefix, "cpu",
+                                     synced_gpus=False)
             batch = []
             for p, r in zip(prompts, responses):
-                cot, answer = ppo.action_masks(tok, r["response_ids"], args.skip_first_tokens)
+                cot, answer = ppo.action_masks(tok, r["response_ids"], ppo.ANSWER_KEY, args.official.skip_first_tokens)
                 batch.append(dict(p, response_ids=r["response_ids"], cot_mask=cot, answer_mask=answer))
-            ppo.score(agent, batch, args, tok.pad_token_id, "cpu")
+            ppo.score(agent, batch, tok.pad_token_id, "cpu", args.micro_batch_size, temperature=args.temperature,
+                      thought_prob_coef=args.thought_prob_coef)
             for i, s in zip(group, batch):
                 obs[i], _, terminated, truncated, _ = envs[i].step(tok.decode(s["response_ids"],
                                                                               skip_special_tokens=True))
@@ -63,7 +72,7 @@ def rollout(agent, processor, args, envs, task: str, turns: int, batched: bool) 
 if __name__ == "__main__":
     bench = tyro.cli(BenchArgs)
     default = f"runs/sft-{bench.task}-default/final"
-    name = bench.model_name or (default if os.path.exists(default) else
+    name = bench.model_path or (default if os.path.exists(default) else
                                 "smollm2" if bench.task == "virl-l" else "smolvlm")
     torch.manual_seed(bench.seed)
     policy, processor = ppo.load_model(name, vl_task=bench.task == "virl-vl")

@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-MODEL=${MODEL:-default}                      # sft.py --model-name for the initial checkpoint
+MODEL=${MODEL:-default}                      # sft.py --model-path for the initial checkpoint
 TAG=${TAG:-gp-l}                             # run-name prefix
 INIT_STEPS=${INIT_STEPS:-30}                 # SFT steps (x8 examples) of the initial checkpoint
 LR=${LR:-1e-5}                               # the shared learning rate of both arms (paper: one LR per experiment)
@@ -26,7 +26,7 @@ OUT=runs                                     # ppo_generalpoints.py always write
 INIT=${INIT:-$OUT/$TAG-init/final}           # an existing initial checkpoint skips step 1
 if [ ! -d "$INIT" ]; then
   echo "== 1. initial checkpoint: sft.py ($INIT_STEPS steps)"
-  python sft.py --task gp-l --model-name "$MODEL" --run-name "$TAG-init" --output-dir "$OUT" \
+  python sft.py --task gp-l --model-path "$MODEL" --run-name "$TAG-init" --output-dir "$OUT" \
     --total-steps "$INIT_STEPS" --eval-every 0 $EXTRA_SFT
 fi
 
@@ -42,10 +42,10 @@ RL_CKPT=$(ls -d "$RL_RUN"/checkpoints/update_* | sort | tail -1)
 read -r RL_TOKENS SFT_STEPS < <(python - "$RL_RUN/metrics.jsonl" "$INIT/trainer_state.json" <<'EOF'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
-d_rl = max(r.get("compute/tokens_rl", 0) for r in rows)
-d_buffer = max(r.get("compute/tokens_buffer", 0) for r in rows)
+d_rl = max(r.get("compute/tokens_trained", 0) for r in rows)
+d_buffer = max(r.get("compute/tokens_generated", 0) for r in rows)
 init = json.load(open(sys.argv[2]))
-sft_tokens_per_step = init["tokens"] / init["step"]
+sft_tokens_per_step = init["tokens_trained"] / init["step"]
 print(f"{d_rl}+{d_buffer}/3", max(1, round((6 * d_rl + 2 * d_buffer) / (6 * sft_tokens_per_step))))
 EOF
 )
@@ -53,8 +53,8 @@ echo "   RL arm: D_RL + D_buffer/3 = $RL_TOKENS tokens -> the SFT arm gets $SFT_
 
 echo "== 3. SFT arm: sft.py from $INIT, $SFT_STEPS steps"
 rm -rf "$OUT/$TAG-sft-arm"
-python sft.py --task gp-l --model-name "$INIT" --run-name "$TAG-sft-arm" --output-dir "$OUT" \
-  --total-steps "$SFT_STEPS" --learning-rate "$LR" --warmup-steps 0 --eval-every 0 --no-save-optimizer $EXTRA_SFT
+python sft.py --task gp-l --model-path "$INIT" --run-name "$TAG-sft-arm" --output-dir "$OUT" \
+  --total-steps "$SFT_STEPS" --lr "$LR" --warmup-steps 0 --eval-every 0 --no-save-optimizer $EXTRA_SFT
 
 echo "== 4. evaluation: init vs SFT arm vs RL arm"
 python eval.py --task gp-l --model-path "$INIT" --label init --model-path "$OUT/$TAG-sft-arm/final" --label sft-arm \

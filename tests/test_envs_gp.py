@@ -247,8 +247,14 @@ def test_fuzz_arbitrary_strings(text):
     env.reset(seed=7)
     for candidate in (text, answer(env.cards, env.values, text), '{"formula": ' + repr(text) + "}"):
         env.reset(seed=7)
-        _, r, *_ = env.step(candidate)
-        assert r in REACHABLE
+        _, r, _, _, info = env.step(candidate)
+        assert r in REACHABLE and info["outcome"] in envs.GP_OUTCOMES
+
+
+def test_outcome_names():
+    """The trainers' rollout/outcome/* metrics take these names from envs: every REWARD_FN key, the sums, the limit."""
+    assert envs.GP_OUTCOMES == (*REWARD_FN, "AGGREGATED_ERROR", "STEP_LIMIT")
+    assert envs.outcome_of(-4) == "AGGREGATED_ERROR" and envs.outcome_of(-1.5) == "INCORRECT_VISION"
 
 
 # ---------------------------------------------------------------- split
@@ -340,4 +346,11 @@ def test_terminal_demo(tmp_path):
     assert png.stat().st_size > 1000
     out = subprocess.run([sys.executable, "envs.py", "gp-l", "--seed", "1"], input="1+2\n1*7+7+10\n", text=True,
                          capture_output=True, check=True, cwd=root).stdout
-    assert "reward -4  you used invalid numbers: [2], you didn't use numbers: [7, 10]." in out and "reward +5  Correct solution." in out and "solved" in out
+    assert "1+2: reward -4, you used invalid numbers: [2], you didn't use numbers: [7, 10].\n" in out
+    assert out.endswith("1*7+7+10: reward +5, Correct solution.\nepisode over: success\n")
+    out = subprocess.run([sys.executable, "envs.py", "gp-l", "--seed", "1", "--ood", "--auto"], text=True,
+                         capture_output=True, check=True, cwd=root).stdout
+    assert "'J', 'Q', and 'K' count as '11', '12', and '13' respectively." in out and "success" in out
+    out = subprocess.run([sys.executable, "envs.py", "gp-l", "--seed", "1"], input="", text=True,  # EOF quits
+                         capture_output=True, check=True, cwd=root).stdout
+    assert "episode over" not in out

@@ -10,7 +10,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 import eval as ev
 from envs import ResponseEqn, solve
@@ -241,36 +240,65 @@ def test_paired_comparison_and_table():
     assert "p = 0.219" in ev.paired_text([cmp])  # 14/64
 
 
-def test_find_checkpoints_orders_by_step_and_reads_flops(tmp_path):
+def _state(step, flops, **extra):
+    """A trainer_state.json as sft.py and ppo_*.py write it (CONTEXT schema: step, tokens, flops, run_name, args)."""
+    return json.dumps(dict(step=step, tokens_trained=10 * step, tokens_generated=0, d_init_tokens=0, flops=flops,
+                           run_name="run", args={}, **extra))
+
+
+def test_find_checkpoints_reads_step_and_flops_by_name(tmp_path):
     for name in ("step_10", "step_2", "final", "not_a_ckpt"):
         (tmp_path / name).mkdir()
         if name != "not_a_ckpt":
             (tmp_path / name / "config.json").write_text("{}")
-    (tmp_path / "final" / "trainer_state.json").write_text(json.dumps({"step": 12, "tokens": 5}))
-    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
-        {"step": 0, "charts/flops": 0}, {"step": 2, "charts/flops": 100}, {"step": 10, "charts/flops": 500},
-        {"step": 12, "losses/loss": 1.0, "charts/flops": 600}]) + "\n")
+    for name, step, flops in (("step_2", 2, 100.0), ("step_10", 10, 500.0), ("final", 12, 600.0)):
+        (tmp_path / name / "trainer_state.json").write_text(_state(step, flops))
+    # a metrics log is not read: step and FLOPs come from trainer_state.json only (no key or unit guessing)
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 12, "compute/flops": 1, "compute/gflops": 1}) + "\n")
     ckpts = ev.find_checkpoints(str(tmp_path))
     assert [(c["name"], c["step"], c["flops"]) for c in ckpts] == [("step_2", 2, 100), ("step_10", 10, 500),
                                                                   ("final", 12, 600)]
-    # ppo_generalpoints.py layout: run/checkpoints/update_XXXX/, metrics keyed by "update", FLOPs in GFLOPs
+    # ppo_*.py layout: run/checkpoints/update_XXXX/; `step` = PPO updates
     ppo = tmp_path / "ppo"
     for u in (2, 1):
         (ppo / "checkpoints" / f"update_{u:04d}").mkdir(parents=True)
         (ppo / "checkpoints" / f"update_{u:04d}" / "config.json").write_text("{}")
-        (ppo / "checkpoints" / f"update_{u:04d}" / "trainer_state.json").write_text(json.dumps({"update": u}))
+        (ppo / "checkpoints" / f"update_{u:04d}" / "trainer_state.json").write_text(_state(u, 1.5e9 * u, update=u))
     (ppo / "checkpoints" / "update_0003.tmp").mkdir()  # an interrupted save is skipped
     (ppo / "checkpoints" / "update_0003.tmp" / "config.json").write_text("{}")
-    (ppo / "metrics.jsonl").write_text("".join(json.dumps({"update": u, "compute/env_steps": 4 * u,
-                                                           "compute/gflops": 1.5 * u}) + "\n" for u in (0, 1, 2)))
     ckpts = ev.find_checkpoints(str(ppo))
     assert [(c["name"], c["step"], c["flops"]) for c in ckpts] == [("update_0001", 1, 1.5e9), ("update_0002", 2, 3e9)]
+
+
+def test_find_checkpoints_without_trainer_state(tmp_path):
+    """No trainer_state.json (or one without the keys): the step in the directory name, no FLOPs, no crash."""
+    for name in ("step_3", "step_1", "final"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    (tmp_path / "step_3" / "trainer_state.json").write_text(json.dumps({"run_name": "old"}))
+    ckpts = ev.find_checkpoints(str(tmp_path))
+    assert [(c["name"], c["step"], c["flops"]) for c in ckpts] == [("step_1", 1, None), ("step_3", 3, None),
+                                                                  ("final", None, None)]
+
+
+def test_curves_fall_back_to_steps_without_flops(tmp_path, capsys):
+    def point(arm, label, step, flops, k):
+        return dict(arm=arm, checkpoint=label, step=step, flops=flops, task="gp-l", setting="id", metric="success",
+                    rate=k / 4, wilson_lo=ev.wilson_interval(k, 4)[0], wilson_hi=ev.wilson_interval(k, 4)[1])
+    points = [point("sft", "init", 0.0, 0.0, 1), point("sft", "sft/step_2", 2, 1e9, 2),
+              point("ppo", "init", 0.0, 0.0, 1), point("ppo", "ppo/update_1", 1, None, 3)]
+    png = tmp_path / "curves_gp-l.png"
+    ev.plot_curves(points, str(png), "gp-l")
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == [f"{png}: x axis = training step, no FLOPs in the trainer_state.json of ppo/update_1"]
+    assert png.stat().st_size > 1000
+    ev.plot_curves(points[:2], str(png), "gp-l")  # every point has FLOPs: nothing to say
+    assert capsys.readouterr().out == ""
 
 
 # ---- the model-backed policy on tiny models ----
 def test_model_policy_tiny_vl():
     """The VL path (image before the first user text, Idefics3 processor); the text path runs in the CLI test."""
-    torch.manual_seed(0)
     model, processor = ev.load_model("tiny", vl_task=True)
     policy = ev.ModelPolicy(model, processor, max_new_tokens=3, temperature=0.0, top_p=1.0, top_k=0, device="cpu")
     setting = ev.Setting("gp-vl", "visual-ood", dict(language_only=False, face_cards_color="red", image_size=64,
@@ -295,11 +323,11 @@ def _run(*argv):
 def test_cli_run_dir_curves_table_and_replay(tmp_path):
     run = tmp_path / "sft_tiny"
     run.mkdir()
-    model, tok = ev.tiny_model(vl=False)
+    model, tok = ev.load_model("tiny", vl_task=False)
     for step in (1, 3):
-        ev.save_checkpoint(model, tok, str(run / f"step_{step}"))
-    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "charts/flops": 1e9}) + "\n" +
-                                       json.dumps({"step": 3, "charts/flops": 3e9}) + "\n")
+        model.save_pretrained(run / f"step_{step}")
+        tok.save_pretrained(run / f"step_{step}")
+        (run / f"step_{step}" / "trainer_state.json").write_text(_state(step, step * 1e9))
     out = tmp_path / "out"
     r = _run("--run-dir", str(run), "--init-path", "tiny", "--task", "gp-l", "--gp-num-episodes", "3",
              "--gp-verify-iter", "2", "--max-new-tokens", "3", "--settings", "rule-ood", "--output-dir", str(out))
@@ -325,6 +353,7 @@ def test_cli_run_dir_curves_table_and_replay(tmp_path):
     (dict(model_path=["/nonexistent/ckpt"]), "not found"),
     (dict(model_path=["tiny"], task="gp-xl"), "unknown --task"),
     (dict(model_path=["smollm2"], task="gp-vl"), "text-only"),
+    (dict(model_path=["tiny-lm"], task="gp-vl"), "text-only"),
     (dict(model_path=["tiny"], settings=["od"]), "unknown --settings"),
     (dict(model_path=["tiny"], settings=["visual-ood"], task="gp-l"), "selects nothing"),
     (dict(), "nothing to evaluate"),
@@ -338,8 +367,9 @@ def test_bad_input_one_clear_message(kwargs, needle):
 
 
 def test_bad_input_text_model_for_vl_task_from_a_saved_checkpoint(tmp_path):
-    model, tok = ev.tiny_model(vl=False)
-    ev.save_checkpoint(model, tok, str(tmp_path / "text"))
+    model, tok = ev.load_model("tiny", vl_task=False)
+    model.save_pretrained(tmp_path / "text")
+    tok.save_pretrained(tmp_path / "text")
     with pytest.raises(SystemExit, match="text-only model but task gp-vl needs images"):
         ev.resolve_request(ev.Args(model_path=[str(tmp_path / "text")], task="gp-vl"))
 
@@ -349,3 +379,17 @@ def test_cli_bad_input_exits_with_one_line():
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == ["eval.py: error: checkpoint '/nonexistent/ckpt' not found (expected a "
                                              "directory with config.json, or smollm2 | smolvlm | tiny)"]
+
+
+def test_args_first_block_is_the_shared_vocabulary():
+    """exp_name, task, model_path, seed, dtype first, in this order (CONTEXT: the one vocabulary of every script)."""
+    names = list(ev.Args.__dataclass_fields__)
+    assert names[:5] == ["exp_name", "task", "model_path", "seed", "dtype"]
+    args = ev.Args()
+    assert (args.exp_name, args.seed, args.dtype, args.model_path) == ("eval", 42, "float32", [])
+
+
+def test_prepared_names_are_checked_without_building_them():
+    assert all(ev.checkpoint_exists(name) for name in ("tiny", "smollm2", "smolvlm", "tiny-lm", "tiny-vl"))
+    assert [ev.checkpoint_is_vl(name) for name in ("tiny", "smolvlm", "tiny-vl", "smollm2", "tiny-lm")] == \
+        [True, True, True, False, False]

@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_paper_pipeline_tiny():
     tag = f"pytest-pipeline-{os.getpid()}"
     env = dict(os.environ, MODEL="tiny", TAG=tag, INIT_STEPS="2", PPO_UPDATES="1", PPO_ENVS="2", PPO_STEPS="1",
-               MAX_NEW_TOKENS="8", EVAL_EPISODES="2", EXTRA_SFT="--local-micro-batch-size 2",
+               MAX_NEW_TOKENS="8", EVAL_EPISODES="2", EXTRA_SFT="--micro-batch-size 2",
                EXTRA_PPO="--micro-batch-size 2")
     try:
         out = subprocess.run(["bash", "scripts/paper_pipeline_gp_l.sh"], cwd=ROOT, env=env, capture_output=True,

@@ -8,12 +8,16 @@ import numpy as np
 import pytest
 import torch
 
+import transformers
+
 import ppo_generalpoints as ppo
 from envs import GeneralPointsEnv
+from make_models import char_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model-path", "tiny", "--num-envs", "2", "--num-steps", "1", "--update-epochs", "1", "--micro-batch-size",
         "2", "--max-new-tokens", "8", "--eval-every", "0"]
+LP = dict(temperature=0.2, thought_prob_coef=0.5)  # how log pi is computed (get_logprob_and_value's arguments)
 RESPONSE = '\n{\n  "cards": [\'A\', \'3\', \'K\', \'6\'],\n  "number": [1, 3, 10, 6],\n  "formula": "(1+3)*6=24",\n}'
 
 
@@ -62,27 +66,27 @@ def test_gae_matches_naive_reference():
 
 
 def test_lr_schedule_is_a_pure_cosine():
-    args = ppo.Args(lr=1e-6, end_lr=1e-9, lr_max_steps=100)
-    assert ppo.lr_at(0, args) == pytest.approx(1e-6)
-    assert ppo.lr_at(50, args) == pytest.approx((1e-6 + 1e-9) / 2)
-    assert ppo.lr_at(100, args) == pytest.approx(1e-9) and ppo.lr_at(150, args) == pytest.approx(1e-9)
+    assert ppo.lr_at(0, 1e-6, 1e-9, 100) == pytest.approx(1e-6)
+    assert ppo.lr_at(50, 1e-6, 1e-9, 100) == pytest.approx((1e-6 + 1e-9) / 2)
+    assert ppo.lr_at(100, 1e-6, 1e-9, 100) == pytest.approx(1e-9) and ppo.lr_at(150, 1e-6, 1e-9, 100) == pytest.approx(1e-9)
 
 
 def check_split(tok):
     ids = tok(RESPONSE, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    m = ppo.answer_start(tok, ids)
+    m = ppo.answer_start(tok, ids, ppo.ANSWER_KEY)
     assert '"formula"' not in tok.decode(ids[:m]) and tok.decode(ids[m:]).lstrip().startswith('"formula": "(1+3)*6')
-    cot, answer = ppo.action_masks(tok, ids, skip_first_tokens=2)
+    cot, answer = ppo.action_masks(tok, ids, ppo.ANSWER_KEY, skip_first_tokens=2)
     assert cot[:2] == [0, 0] and all(c + a <= 1 for c, a in zip(cot, answer))  # each token counted at most once
     assert sum(cot) + sum(answer) == len(ids) - 2 and answer[-1] == 1  # o_0, o_1 unscored; eos in the answer
-    cot, answer = ppo.action_masks(tok, ids, skip_first_tokens=0)
+    cot, answer = ppo.action_masks(tok, ids, ppo.ANSWER_KEY, skip_first_tokens=0)
     assert sum(cot) + sum(answer) == len(ids)
     no_key = tok("just some text without the key, long enough", add_special_tokens=False)["input_ids"]
-    assert ppo.answer_start(tok, no_key) is None and sum(ppo.action_masks(tok, no_key, 0)[1]) == 5  # official fallback
+    assert ppo.answer_start(tok, no_key, ppo.ANSWER_KEY) is None
+    assert sum(ppo.action_masks(tok, no_key, ppo.ANSWER_KEY, 0)[1]) == 5  # official fallback
 
 
 def test_cot_answer_split_char_tokenizer():
-    check_split(ppo.char_tokenizer())
+    check_split(char_tokenizer())
 
 
 def test_cot_answer_split_smollm2_bpe(smollm2_tokenizer):
@@ -102,14 +106,12 @@ def prompts_of(processor, seeds, turns=0):
 
 def test_value_read_at_last_prompt_token_under_left_padding(tiny):
     agent, processor = tiny
-    args = ppo.Args()
     short, long_ = prompts_of(processor, [1])[0], prompts_of(processor, [2], turns=2)[0]
     assert len(long_["prompt_ids"]) > len(short["prompt_ids"])
     pad = ppo.tokenizer_of(processor).pad_token_id
     s = [dict(p, response_ids=[5, 6, 7], cot_mask=[1, 0, 0], answer_mask=[0, 1, 1]) for p in (short, long_)]
-    _, value_alone = ppo.score(agent, s[:1], args, pad, "cpu")
-    args.micro_batch_size = 2
-    _, value_batched = ppo.score(agent, s, args, pad, "cpu")  # `short` is left-padded here
+    _, value_alone = ppo.score(agent, s[:1], pad, "cpu", 1, **LP)
+    _, value_batched = ppo.score(agent, s, pad, "cpu", 2, **LP)  # `short` is left-padded here
     assert torch.allclose(value_alone, value_batched[:1], atol=1e-5)
     with torch.no_grad():  # reference: plain forward of the unpadded prompt, hidden state of its last token
         h = agent.policy(input_ids=torch.tensor([short["prompt_ids"]]), output_hidden_states=True).hidden_states[-1]
@@ -118,29 +120,29 @@ def test_value_read_at_last_prompt_token_under_left_padding(tiny):
 
 def test_token_in_token_out_and_first_minibatch_ratio_is_one(tiny):
     agent, processor = tiny
-    args = ppo.Args(max_new_tokens=12, temperature=0.7)
+    lp = dict(LP, temperature=0.7)
     tok = ppo.tokenizer_of(processor)
+    gen_config = transformers.GenerationConfig(do_sample=True, temperature=0.7, top_p=1.0, top_k=0, max_new_tokens=12,
+                                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     prompts = prompts_of(processor, [3, 4, 5], turns=1)
     torch.manual_seed(0)
-    responses, sequences = ppo.generate(agent, processor, prompts, args, "cpu", synced_gpus=False)
-    P = sequences.shape[1] - (sequences.shape[1] - max(len(p["prompt_ids"]) for p in prompts))
+    responses = ppo.generate(agent, processor, prompts, gen_config, True, "cpu", synced_gpus=False)
     samples = []
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        assert r["response_ids"] == sequences[i, P:P + len(r["response_ids"])].tolist()  # stored == generated
-        cot, answer = ppo.action_masks(tok, r["response_ids"], args.skip_first_tokens)
+    for p, r in zip(prompts, responses):
+        assert r["truncated"] == (len(r["response_ids"]) == 12 and r["response_ids"][-1] != tok.eos_token_id)
+        cot, answer = ppo.action_masks(tok, r["response_ids"], ppo.ANSWER_KEY, 2)
         samples.append(dict(p, response_ids=r["response_ids"], cot_mask=cot, answer_mask=answer))
     torch.manual_seed(0)  # the shared-prefix KV cache does not change what is sampled
-    unshared, _ = ppo.generate(agent, processor, prompts, ppo.Args(max_new_tokens=12, temperature=0.7,
-                                                                   share_prefix=False), "cpu", synced_gpus=False)
+    unshared = ppo.generate(agent, processor, prompts, gen_config, False, "cpu", synced_gpus=False)
     assert [r["response_ids"] for r in unshared] == [r["response_ids"] for r in responses]
     batch = ppo.collate(samples, tok.pad_token_id, "cpu")
     for i, s in enumerate(samples):  # the update batch holds exactly the generated ids
         n = len(s["response_ids"])
         assert batch["response_ids"][i, :n].tolist() == s["response_ids"]
-    args.micro_batch_size = 1  # rollout scoring one by one, update on a differently padded minibatch
-    old_logprob, old_value = ppo.score(agent, samples, args, tok.pad_token_id, "cpu")
+    # rollout scoring one by one, update on a differently padded minibatch
+    old_logprob, old_value = ppo.score(agent, samples, tok.pad_token_id, "cpu", 1, **lp)
     newlogprob, newvalue, _, _ = ppo.get_logprob_and_value(agent, ppo.collate(samples[::-1], tok.pad_token_id, "cpu"),
-                                                           args)
+                                                           **lp)
     logratio = newlogprob.flip(0) - old_logprob
     approx_kl = ((logratio.exp() - 1) - logratio).mean()
     assert approx_kl < 1e-6 and torch.allclose(logratio.exp(), torch.ones(3), atol=1e-4)
@@ -160,12 +162,14 @@ def test_bad_inputs_stop_with_one_clear_message(tmp_path):
     out = run([sys.executable, script, "--model-path", str(tmp_path / "nope")], tmp_path, check=False)
     assert out.returncode != 0 and "python sft.py --task gp-l" in out.stderr
     model, tok = ppo.load_model("tiny", vl_task=False)
-    ppo.save_checkpoint(model, tok, str(tmp_path / "text_ckpt"))
+    model.save_pretrained(tmp_path / "text_ckpt")
+    tok.save_pretrained(tmp_path / "text_ckpt")
     out = run([sys.executable, script, "--task", "gp-vl", "--model-path", str(tmp_path / "text_ckpt")], tmp_path,
               check=False)
     assert out.returncode != 0 and "text-only" in out.stderr and "Traceback" not in out.stderr
     tok.chat_template = None
-    ppo.save_checkpoint(model, tok, str(tmp_path / "no_template"))
+    model.save_pretrained(tmp_path / "no_template")
+    tok.save_pretrained(tmp_path / "no_template")
     os.remove(tmp_path / "no_template" / "chat_template.jinja") if (tmp_path / "no_template" / "chat_template.jinja"
                                                                     ).exists() else None
     out = run([sys.executable, script, "--model-path", str(tmp_path / "no_template")], tmp_path, check=False)
@@ -180,7 +184,7 @@ def test_e2e_gp_l_and_resume_continues_identically(tmp_path):
     assert recs[0]["losses/first_minibatch_approx_kl"] < 1e-6  # ratio == 1 before the first optimizer step
     for key in ("losses/approx_kl", "losses/clipfrac", "losses/vf_clipfrac", "losses/explained_variance",
                 "losses/grad_norm", "charts/learning_rate", "rollout/response_length", "rollout/truncated_frac",
-                "rollout/success_rate", "rollout/outcome/ILLEGAL_FORMULA", "charts/SPS", "compute/gflops"):
+                "rollout/success_rate", "rollout/outcome/ILLEGAL_FORMULA", "charts/SPS", "compute/flops"):
         assert key in recs[0], key
     assert any("response" in r for r in records(tmp_path))  # decoded samples
     (run_dir,) = list((tmp_path / "runs").iterdir())
@@ -190,7 +194,7 @@ def test_e2e_gp_l_and_resume_continues_identically(tmp_path):
     recs2 = [r for r in records(tmp_path) if "losses/pg_loss" in r]
     assert [r["update"] for r in recs2] == [1, 2, 2]
     for key in ("rollout/reward_mean", "rollout/logprob_mean", "rollout/value_mean", "losses/pg_loss",
-                "losses/v_loss", "compute/env_steps", "compute/tokens_rl"):
+                "losses/v_loss", "compute/env_steps", "compute/tokens_trained"):
         assert recs2[2][key] == pytest.approx(recs2[1][key], rel=1e-4, abs=1e-6), key
 
 
@@ -201,7 +205,7 @@ def test_e2e_gp_vl(tmp_path):
     recs = records(tmp_path)
     assert [r["update"] for r in recs if "losses/pg_loss" in r] == [1, 2]
     evals = [r for r in recs if "eval/rule_ood/success_rate" in r]  # before the first update and after the last
-    assert [r["update"] for r in evals] == [0, 2] and "compute/gflops" in evals[-1]
+    assert [r["update"] for r in evals] == [0, 2] and "compute/flops" in evals[-1]
     for split in ("id_seen", "id_unseen", "rule_ood", "visual_ood"):
         assert f"eval/{split}/success_rate" in evals[-1] and f"eval/{split}/recognition_acc" in evals[-1]
 

@@ -6,10 +6,11 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import ppo_virl as ppo
-from envs import NavigationEnv, generate_virl_world
+from make_models import char_tokenizer
+from envs import NavigationEnv
+from make_virl_world import generate_virl_world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--num-envs", "2", "--num-steps", "1", "--update-epochs", "1", "--micro-batch-size", "2",
@@ -55,7 +56,7 @@ def check_split(tok):
         env.reset(seed=seed)
         for pair in env.expert_pairs()[:4]:
             ids = tok(pair["response"] + tok.eos_token, add_special_tokens=False)["input_ids"]
-            cot, answer = ppo.action_masks(tok, ids, skip_first_tokens=2)
+            cot, answer = ppo.action_masks(tok, ids, ppo.ANSWER_KEY, skip_first_tokens=2)
             assert all(c + a <= 1 for c, a in zip(cot, answer))  # each token in at most one part
             assert cot[:2] == [0.0, 0.0] and all(c + a == 1 for c, a in zip(cot[2:], answer[2:]))  # o_0, o_1 skipped
             action_text = tok.decode([i for i, a in zip(ids, answer) if a])
@@ -65,16 +66,16 @@ def check_split(tok):
             assert '"action"' not in thought_text and action not in thought_text
             assert '"current instruction"' in thought_text
             # the official defect: the last 5 tokens, whatever the text; the action itself lands in the thought
-            cot5, answer5 = ppo.action_masks(tok, ids, 2, official_action_split=True)
+            cot5, answer5 = ppo.action_masks(tok, ids, ppo.ANSWER_KEY, 2, official_action_split=True)
             assert answer5 == [0.0] * (len(ids) - 5) + [1.0] * 5
             assert '"action": "' + action[:-2] in tok.decode([i for i, c in zip(ids, cot5) if c])
     # no key at all: the official fallback (last 5 tokens) in both modes
     ids = tok("forward() is what I would do" + tok.eos_token, add_special_tokens=False)["input_ids"]
-    assert ppo.action_masks(tok, ids, 2)[1] == [0.0] * (len(ids) - 5) + [1.0] * 5
+    assert ppo.action_masks(tok, ids, ppo.ANSWER_KEY, 2)[1] == [0.0] * (len(ids) - 5) + [1.0] * 5
 
 
 def test_action_split_char_tokenizer():
-    check_split(ppo.char_tokenizer())
+    check_split(char_tokenizer())
 
 
 def test_action_split_smollm2_bpe(smollm2_tokenizer):
@@ -83,7 +84,7 @@ def test_action_split_smollm2_bpe(smollm2_tokenizer):
 
 # ---- prompt rebuilding (protocol.md §2.7): what the trainer feeds the model ----
 def test_prompt_fresh_after_correct_move_running_conversation_after_wrong(world):
-    tok = ppo.char_tokenizer()
+    tok = char_tokenizer()
     env = NavigationEnv(route_info_path=world["route_info_path"], gps_to_pano_path=world["gps_to_pano_path"],
                         panorama_dir=world["panorama_dir"], seed=0)
     obs, info = env.reset(seed=3)
@@ -174,7 +175,7 @@ def test_e2e_virl_l_auto_sft_init_and_resume_continues_identically(tmp_path):
     script = os.path.join(ROOT, "ppo_virl.py")
     out = run([sys.executable, script, *TINY, "--num-updates", "2", "--eval-every", "2", "--eval-episodes", "2",
                "--eval-max-turns", "3",
-               "--init-sft-args=--model-name tiny --total-steps 1 --local-micro-batch-size 2 --eval-every 0"], tmp_path)
+               "--init-sft-args=--model-path tiny --total-steps 1 --micro-batch-size 2 --eval-every 0"], tmp_path)
     assert "building it first" in out.stdout
     assert (tmp_path / "runs" / "sft-virl-l-default" / "final" / "config.json").exists()
     recs = [r for r in records(tmp_path, "virl-l__") if "losses/pg_loss" in r]
@@ -183,12 +184,12 @@ def test_e2e_virl_l_auto_sft_init_and_resume_continues_identically(tmp_path):
     assert recs[0]["charts/learning_rate"] == pytest.approx(1e-6)  # the official V-IRL-L rate
     for key in ("losses/approx_kl", "losses/clipfrac", "losses/explained_variance", "losses/grad_norm",
                 "rollout/step_accuracy", "rollout/success_rate", "rollout/outcome/INCORRECT_ACTION",
-                "rollout/outcome/STEP_LIMIT", "compute/env_steps", "compute/tokens_rl", "compute/gflops"):
+                "rollout/outcome/STEP_LIMIT", "compute/env_steps", "compute/tokens_trained", "compute/flops"):
         assert key in recs[0], key
     evals = [r for r in records(tmp_path, "virl-l__") if "eval/rule_ood/step_accuracy" in r]
     assert [r["update"] for r in evals] == [0, 2]
     assert {"eval/id/step_accuracy", "eval/id/success_rate", "eval/rule_ood/success_rate",
-            "compute/gflops"} <= set(evals[0])
+            "compute/flops"} <= set(evals[0])
     (run_dir,) = [d for d in (tmp_path / "runs").iterdir() if d.name.startswith("virl-l__")]
     ckpt = run_dir / "checkpoints" / "update_0001"
     assert {"model.safetensors", "value_head.pt", "optimizer.pt", "trainer_state.json"} <= set(os.listdir(ckpt))
@@ -196,7 +197,7 @@ def test_e2e_virl_l_auto_sft_init_and_resume_continues_identically(tmp_path):
     recs2 = [r for r in records(tmp_path, "virl-l__") if "losses/pg_loss" in r]
     assert [r["update"] for r in recs2] == [1, 2, 2]
     for key in ("rollout/reward_mean", "rollout/logprob_mean", "rollout/value_mean", "losses/pg_loss",
-                "losses/v_loss", "compute/env_steps", "compute/tokens_rl"):
+                "losses/v_loss", "compute/env_steps", "compute/tokens_trained"):
         assert recs2[2][key] == pytest.approx(recs2[1][key], rel=1e-4, abs=1e-6), key
 
 

@@ -1,5 +1,4 @@
 """Tests for sft.py: tiny random models, offline, CPU. Scripts run in a subprocess like CleanRL's tests."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,8 +12,8 @@ sys.path.insert(0, ROOT)
 import sft  # noqa: E402
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="2")
-TINY = ["--model-name", "tiny", "--local-micro-batch-size", "2", "--eval-episodes", "2", "--eval-batch-size", "2",
-        "--max-new-tokens", "8", "--learning-rate", "1e-3", "--warmup-steps", "1"]
+TINY = ["--model-path", "tiny", "--micro-batch-size", "2", "--eval-episodes", "2", "--eval-batch-size", "2",
+        "--max-new-tokens", "8", "--lr", "1e-3", "--warmup-steps", "1"]
 
 
 def virl_available() -> bool:
@@ -56,10 +55,8 @@ def test_end_to_end_checkpoint_reloads_and_generates(task, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["tiny", "smollm2"])
-def test_loss_mask_covers_exactly_the_responses(name):
-    if name == "smollm2" and not os.path.exists(os.path.join(sft.CACHE_DIR, "smollm2-135m-instruct")):
-        pytest.skip("SmolLM2 cache not built")
-    processor = sft.char_tokenizer() if name == "tiny" else sft.AutoTokenizer.from_pretrained(sft.smollm2_path())
+def test_loss_mask_covers_exactly_the_responses(name, request):
+    processor = sft.load_model("tiny", vl_task=False)[1] if name == "tiny" else request.getfixturevalue("smollm2_tokenizer")
     tok = sft.tokenizer_of(processor)
     messages = [{"role": "user", "content": "Cards: ['A', '3', 'K', '10']"},
                 {"role": "assistant", "content": "\n{\n  \"formula\": \"1*3+10+10=24\",\n}"},
@@ -120,14 +117,15 @@ def test_released_json_reader(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--task", "gp-x"], "gp-x"),
     (["--task", "gp-l", "--data", "json", "--data-file", "missing.json"], "does not exist"),
-    (["--task", "gp-vl", "--model-name", "TEXT_CKPT"], "cannot take images"),
-    (["--task", "gp-l", "--learning-rate", "0"], "--learning-rate must be > 0"),
-    (["--task", "gp-vl", "--vision-learning-rate", "-1e-3"], "--vision-learning-rate must be > 0"),
+    (["--task", "gp-vl", "--model-path", "TEXT_CKPT"], "cannot take images"),
+    (["--task", "gp-l", "--lr", "0"], "--lr must be > 0"),
+    (["--task", "gp-vl", "--vision-lr", "-1e-3"], "--vision-lr must be > 0"),
 ])
 def test_bad_input_stops_before_training(args, message, tmp_path):
     if "TEXT_CKPT" in args:
         model, tok = sft.load_model("tiny", vl_task=False)
-        sft.save_checkpoint(model, tok, str(tmp_path / "text_ckpt"))
+        model.save_pretrained(tmp_path / "text_ckpt")
+        tok.save_pretrained(tmp_path / "text_ckpt")
         args = [str(tmp_path / "text_ckpt") if a == "TEXT_CKPT" else a for a in args]
     p = run(args + ["--output-dir", str(tmp_path / "runs"), "--run-name", "bad"], cwd=tmp_path, check=False)
     assert p.returncode != 0 and message in p.stderr and "Traceback" not in p.stderr
@@ -150,6 +148,42 @@ def test_card_hits_counts_cards_at_their_position():
     assert sft.card_hits("no json here", ["A", "2", "3", "4"]) == 0
 
 
+def test_get_lr_is_linear_warmup_then_cosine():
+    lrs = [sft.get_lr(step, lr=1.0, warmup_steps=2, total_steps=6, min_lr_ratio=0.1) for step in range(7)]
+    assert lrs[:3] == [0.5, 1.0, 1.0] and lrs[4] == pytest.approx(0.1 + 0.9 * 0.5) and lrs[6] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))  # monotone decay after the warm-up
+
+
+class ScriptedModel(torch.nn.Module):
+    """Stands in for a model in evaluate(): generate() appends the next scripted answer to each prompt."""
+
+    def __init__(self, tok, answers):
+        super().__init__()
+        self.tok, self.answers = tok, list(answers)
+
+    def generate(self, input_ids, **kwargs):
+        answers = [self.answers.pop(0) for _ in range(len(input_ids))]
+        ids = self.tok(answers, padding=True, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        return torch.cat([input_ids, ids], dim=1)
+
+
+def test_evaluate_scores_answers_with_the_env():
+    _, processor = sft.load_model("tiny", vl_task=True)
+    env, seeds = sft.make_env("gp-vl", "id", split="unseen"), [7, 8, 9, 10]
+    answers = []
+    for s in seeds:
+        env.reset(seed=s)
+        answers.append(env.oracle_response())
+    env.reset(seed=seeds[2])
+    misread = [env.cards[0]] + ["2" if c == "A" else "A" for c in env.cards[1:]]  # only the first card right
+    answers[2] = answers[2].replace(repr(list(env.cards)), repr(misread), 1)
+    answers[3] = "no answer"
+    metrics = sft.evaluate(ScriptedModel(sft.tokenizer_of(processor), answers), processor, "gp-vl", ["id"], seeds,
+                           batch_size=3, max_new_tokens=8)
+    assert metrics["id_success"] == 0.5 and metrics["id_format_valid"] == 0.75 and metrics["id_cards_acc"] == 0.5
+    assert metrics["id_per_card_acc"] == (4 + 4 + 1) / 16
+
+
 def test_resume_continues_from_saved_step(tmp_path):
     common = ["--task", "gp-l", *TINY, "--eval-every", "0", "--output-dir", str(tmp_path), "--run-name", "r"]
     run(common + ["--total-steps", "2", "--save-every", "1"], cwd=tmp_path)
@@ -163,12 +197,21 @@ def test_resume_continues_from_saved_step(tmp_path):
     # the resumed step 2 sees the same data and the same weights/optimizer as the original step 2
     losses = [json.loads(line)["losses/loss"] for line in open(tmp_path / "r" / "metrics.jsonl")]
     assert losses[1] == pytest.approx(losses[2], rel=1e-4)
+    # the checkpoint schema, and D_init of a run started from this checkpoint = its tokens_trained + d_init_tokens
+    state = json.load(open(tmp_path / "r" / "final" / "trainer_state.json"))
+    last = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl")][-1]
+    assert state["tokens_trained"] == last["compute/tokens_trained"] > 0 and state["tokens_generated"] == 0
+    assert state["flops"] == last["compute/flops"] and state["d_init_tokens"] == 0 and state["args"]["lr"] == 1e-3
+    run(["--task", "gp-l", *TINY, "--model-path", str(tmp_path / "r" / "final"), "--eval-every", "0",
+         "--total-steps", "1", "--output-dir", str(tmp_path), "--run-name", "r2"], cwd=tmp_path)
+    state2 = json.load(open(tmp_path / "r2" / "final" / "trainer_state.json"))
+    assert state2["d_init_tokens"] == state["tokens_trained"] and 0 < state2["tokens_trained"] < state["tokens_trained"]
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_torchrun_two_gloo_processes(strategy, tmp_path):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    run(["--task", "gp-l", *TINY, "--total-steps", "2", "--eval-every", "2", "--dist-strategy", strategy,
+    run(["--task", "gp-l", *TINY, "--total-steps", "2", "--eval-every", "2", "--dist", strategy,
          "--output-dir", str(tmp_path), "--run-name", "r"], cwd=tmp_path, launcher=launcher)
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "r" / "final")

@@ -1,14 +1,22 @@
-"""V-IRL navigation env: instructions/labels, relocation, rail, verifier, budget, prompts, VL grid, world, errors."""
-import envs as virl
+"""V-IRL navigation env: instructions/labels, relocation, rail, verifier, budget, prompts, VL grid, world, errors.
+The generated world is built by make_virl_world.py (tested here too); envs.py runs it but never imports it."""
+import ast
 import json
 import math
+import os
 import pickle
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 from PIL import Image
+
+import envs as virl
+import make_virl_world as mvw
 
 MILESTONES = """{
     intersection_id: 1
@@ -32,8 +40,8 @@ def answer(action, obs="No landmarks nearby; ", instr="x"):
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
     out = tmp_path_factory.mktemp("virl_world")
-    return virl.generate_virl_world(out, num_routes=8, num_heldout_routes=4, seed=3, grid_size=5,
-                                    pano_size=(96, 48))
+    return mvw.generate_virl_world(out, num_routes=8, num_heldout_routes=4, seed=3, grid_size=5,
+                                   pano_size=(96, 48))
 
 
 def make_env(world, **kw):
@@ -75,7 +83,7 @@ def test_instructions_absolute_relative_no_wrap():
     (0, 180, "right", "right"),
 ])
 def test_relative_labels_wrap_flag(prev, nxt, nowrap, wrap):
-    blocks = [{"to_next_intersection_heading": f"{nxt} ({virl.virl_compass_word(nxt)})"}]
+    blocks = [{"to_next_intersection_heading": f"{nxt} ({mvw.virl_compass_word(nxt)})"}]
     assert virl.virl_instructions(blocks, prev)["rel_actions"] == [f"turn_direction({nowrap})"]
     assert virl.virl_instructions(blocks, prev, wrap=True)["rel_actions"] == [f"turn_direction({wrap})"]
 
@@ -88,11 +96,11 @@ def test_bad_heading_raises():
 
 
 def test_compass_and_spatial_words():
-    assert [virl.virl_compass_word(h) for h in (0, 22, 23, 90, 177, 200, 203, 359)] == [
+    assert [mvw.virl_compass_word(h) for h in (0, 22, 23, 90, 177, 200, 203, 359)] == [
         "north", "north", "northeast", "east", "south", "south", "southwest", "north"]
-    assert virl.virl_spatial_word(0, 135) == "right behind"
-    assert virl.virl_spatial_word(90, 45) == "left front"
-    assert virl.virl_spatial_word(0, 270) == "left"
+    assert mvw.virl_spatial_word(0, 135) == "right behind"
+    assert mvw.virl_spatial_word(90, 45) == "left front"
+    assert mvw.virl_spatial_word(0, 270) == "left"
 
 
 # ---- relocation and the rail ----------------------------------------------------------------------------------------
@@ -197,6 +205,7 @@ def test_verifier_branches_exact_messages():
 def test_fuzz_verifier_never_raises(text):
     r, msg, outcome = virl.virl_verify(text, "turn_direction(north)", "No landmarks nearby")
     assert r in (1, -1, -1.5) and isinstance(msg, str) and outcome in virl.REWARD_FN_VIRL
+    assert outcome in virl.VIRL_OUTCOMES
 
 
 # ---- episode dynamics -----------------------------------------------------------------------------------------------
@@ -351,18 +360,66 @@ def test_world_files_official_format_and_heldout_disjoint(world, tmp_path):
     meta = json.load(open(f"{world['panorama_dir']}/{pid}.metadata.json"))
     assert 0 <= meta["rotation"] < 360 and Image.open(f"{world['panorama_dir']}/{pid}.jpg").size == (96, 48)
     assert virl.virl_parse_milestones(routes[0]["milestone_info"])  # parses through the official path
-    again = virl.generate_virl_world(tmp_path, num_routes=8, num_heldout_routes=4, seed=3, grid_size=5,
-                                     pano_size=(96, 48))
+    again = mvw.generate_virl_world(tmp_path, num_routes=8, num_heldout_routes=4, seed=3, grid_size=5,
+                                    pano_size=(96, 48))
     assert open(again["route_info_path"]).read() == open(world["route_info_path"]).read()
     assert pickle.load(open(again["gps_to_pano_path"], "rb")) == mapping
 
 
-def test_heldout_split_via_world_cache(tmp_path, monkeypatch):
-    monkeypatch.setitem(virl.VIRL_WORLDS, "tiny", dict(skin="london", num_routes=3, num_heldout_routes=2,
-                                                       grid_size=4, pano_size=(64, 32)))
-    env = virl.NavigationEnv(world="tiny", split="heldout", cache_dir=tmp_path)
-    assert len(env.route_list) == 2 and env.reset(seed=0)[1]["route_id"].startswith("london_heldout")
-    assert len(virl.NavigationEnv(world="tiny", cache_dir=tmp_path).route_list) == 3  # cached, not regenerated
+def cached_world(world, cache_dir, name="nyc"):
+    """Put the tiny session world where virl_world_paths(name) looks, as if make_virl_world.py had built it."""
+    folder = virl.virl_world_dir(name, 0, cache_dir)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    folder.symlink_to(Path(world["route_info_path"]).parent, target_is_directory=True)
+    return folder
+
+
+def test_heldout_split_via_world_cache(world, tmp_path, monkeypatch):
+    cached_world(world, tmp_path, "london")
+    monkeypatch.setattr(virl.subprocess, "run", None)  # a cached world never runs make_virl_world.py
+    env = virl.NavigationEnv(world="london", split="heldout", cache_dir=tmp_path)
+    assert len(env.route_list) == 4 and env.reset(seed=0)[1]["route_id"].startswith("nyc_heldout")
+    assert len(virl.NavigationEnv(world="london", cache_dir=tmp_path).route_list) == 8
+    assert env.source == "london/heldout"
+
+
+def test_virl_world_paths_runs_the_tool_once(tmp_path, monkeypatch):
+    paths = virl.virl_world_paths("london", seed=1, cache_dir=tmp_path)
+    assert paths == virl.virl_world_files(tmp_path / "virl" / "london_seed1_v1")
+    assert os.listdir(tmp_path / "virl") == ["london_seed1_v1"]  # the temporary folder was renamed
+    routes, num = json.load(open(paths["route_info_path"]))
+    assert num == len(routes) == 300 and len(json.load(open(paths["heldout_route_info_path"]))[0]) == 60
+    monkeypatch.setattr(virl.subprocess, "run", None)
+    assert virl.virl_world_paths("london", seed=1, cache_dir=tmp_path) == paths  # cached: no second run
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="(?s)could not generate the V-IRL world 'atlantis'.*invalid choice"):
+        virl.virl_world_paths("atlantis", cache_dir=tmp_path)
+
+
+def test_make_world_atomic_rename(tmp_path, monkeypatch):
+    out = tmp_path / "w"
+
+    def generate_while_another_rank_finishes(folder, **kw):
+        (Path(folder) / "mine").write_text("x")
+        out.mkdir()
+        (out / "gps_pano_mapping.pkl").write_bytes(pickle.dumps({}))  # the other rank renamed its copy first
+
+    monkeypatch.setattr(mvw, "generate_virl_world", generate_while_another_rank_finishes)
+    assert mvw.make_world("nyc", 0, out) == virl.virl_world_files(out)
+    assert sorted(os.listdir(tmp_path)) == ["w"] and os.listdir(out) == ["gps_pano_mapping.pkl"]  # tmp removed
+    monkeypatch.setattr(mvw, "generate_virl_world", None)
+    assert mvw.make_world("nyc", 0, out) == virl.virl_world_files(out)  # complete: nothing to do
+
+
+def test_envs_does_not_import_make_virl_world(world, tmp_path):
+    tree = ast.parse(Path(virl.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert "make_virl_world" not in imported
+    cached_world(world, tmp_path)
+    code = ("import sys, envs; envs.NavigationEnv(cache_dir=sys.argv[1]).reset(seed=0); "
+            "assert 'make_virl_world' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, cwd=Path(virl.__file__).parent)
 
 
 # ---- bad input ------------------------------------------------------------------------------------------------------
@@ -395,11 +452,15 @@ def test_bad_input_clear_errors(world, tmp_path):
         virl.NavigationEnv(split="test")
 
 
-def test_virl_main_demo(world, tmp_path, capsys):
-    args = ["--route-info-path", world["route_info_path"], "--gps-to-pano-path", world["gps_to_pano_path"],
-            "--panorama-dir", world["panorama_dir"], "--seed", "0"]
-    virl.virl_main(["virl-l", "--auto", *args])
-    assert "episode over: success" in capsys.readouterr().out
+def test_terminal_demo(world, tmp_path):
+    cached_world(world, tmp_path)  # the demo plays the default "nyc" world: the tiny one stands in for it
+    run = dict(cwd=Path(virl.__file__).parent, env={**os.environ, "SFTVSRL_CACHE": str(tmp_path)}, text=True,
+               capture_output=True, check=True)
+    out = subprocess.run([sys.executable, "envs.py", "virl-l", "--auto", "--seed", "0"], **run).stdout
+    assert "stop(): reward +1, Correct action.\nepisode over: success\n" in out
+    typed = "forward()\nstop()\n\n"  # two wrong actions, then an empty line quits
+    out = subprocess.run([sys.executable, "envs.py", "virl-l", "--seed", "0"], input=typed, **run).stdout
+    assert "you make incorrect action" in out or "at an intersection" in out
     png = tmp_path / "grid.png"
-    virl.virl_main(["virl-vl", "--save-image", str(png), "--resolution", "32", *args])
-    assert Image.open(png).size == (69, 69)
+    subprocess.run([sys.executable, "envs.py", "virl-vl", "--save-image", str(png), "--seed", "0"], **run)
+    assert Image.open(png).size == (517, 517)
