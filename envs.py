@@ -76,21 +76,32 @@ RE_PATTERN_DICT = {
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Answer parsing: utils_general.re_match / robust_str_to_list semantics
+# Answer parsing: utils_general.re_match / robust_str_to_list semantics, in time linear in the answer's length
 # ---------------------------------------------------------------------------------------------------------------
-def re_match(text: str, key: str):
-    """JSON first, then the official regex; "None" (a string) when nothing matches.
+def re_match(text: str, key: str, as_text: bool = False):
+    """JSON first, then the official regex; "None" (a string) when nothing matches. as_text: str() of a JSON value.
 
     For `cards` the regex capture is first tried as a ", "-separated int list (so unquoted numeric cards come back as
     a list of ints, which robust_str_to_list then rejects), else re-wrapped as "[...]"."""
     try:
-        return json.loads(text)[key]
-    except Exception:  # not JSON, not a dict, or no such key: fall through to the regex, as the official code does
+        value = json.loads(text)[key]
+        return str(value) if as_text else value
+    except Exception:  # not JSON, not a dict, no such key, or nested too deep to load or print: the regex decides
         pass
-    m = re.search(RE_PATTERN_DICT[key], text)
-    if m is None:
+    if key in ("cards", "number"):  # RE_PATTERN_DICT[key] without its quadratic backtracking (docs/verifier.md)
+        head, pred = f'"{key}": [', None
+        start = text.find(head)
+        while start != -1 and pred is None:
+            end = text.find("]", start + len(head))  # the pattern's capture ends at the first ']', and is not empty
+            if end == -1:
+                break
+            pred = text[start + len(head):end] or None
+            start = text.find(head, start + 1)
+    else:
+        m = re.search(RE_PATTERN_DICT[key], text)
+        pred = None if m is None else m.group(1)
+    if pred is None:
         return "None"
-    pred = m.group(1)
     if "cards" in key:
         try:
             return [int(x) for x in pred.split(", ")]
@@ -110,74 +121,39 @@ def robust_str_to_list(list_like, num_items: int = 4) -> list[str]:
 
 def parse_formula(text: str) -> str:
     """The formula the verifier checks: the "formula" field, cut at the first '='."""
-    formula = re_match(text, "formula")
-    return str(formula).split("=")[0]
+    return re_match(text, "formula", as_text=True).split("=")[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Exact arithmetic: our own tiny parser (model output is untrusted; the official code calls eval())
+# Exact arithmetic without eval() (model output is untrusted; the official code calls eval()) and without recursion
 # ---------------------------------------------------------------------------------------------------------------
 _TOKEN_RE = re.compile(r"\d+|[+\-*/()]")
+MAX_NESTING = 200  # Python's parser limit: eval() of a formula nested deeper is a SyntaxError (docs/verifier.md)
+_KIND_OF_OPERATOR = str.maketrans("+-*/", "oooo")
+MAX_NUMBER_DIGITS = 4300  # Python's int-string limit: int() of a longer digit string raises (the official crash)
 
 
 def evaluate(tokens: list[str], exact: bool = True):
     """Evaluate a token list of non-negative integers, + - * / and parentheses with the usual precedence.
 
     exact=True: Fractions. exact=False: Python int/float semantics, i.e. what the official `eval(formula)` computes.
-    Raises ValueError on malformed input (like eval's SyntaxError) and ZeroDivisionError."""
-    pos = 0
-
-    def peek():
-        return tokens[pos] if pos < len(tokens) else None
-
-    def take():
-        nonlocal pos
-        pos += 1
-        return tokens[pos - 1]
-
-    def expr():
-        value = term()
-        while peek() in ("+", "-"):
-            op, rhs = take(), term()
-            value = value + rhs if op == "+" else value - rhs
-        return value
-
-    def term():
-        value = factor()
-        while peek() in ("*", "/"):
-            op, rhs = take(), factor()
-            value = value * rhs if op == "*" else (Fraction(value) / rhs if exact else value / rhs)
-        return value
-
-    def factor():
-        tok = peek()
-        if tok is None:
-            raise ValueError("unexpected end of formula")
-        if tok == "(":
-            take()
-            value = expr()
-            if take_if(")"):
-                return value
-            raise ValueError("unclosed parenthesis")
-        if tok.isdigit():
-            # like Python's eval: '08' and non-ASCII digits such as '３' (which the official \d regex accepts) are
-            # syntax errors, never numbers
-            if (len(tok) > 1 and tok[0] == "0") or not tok.isascii():
-                raise ValueError(f"malformed number: {tok!r}")
-            take()
-            return Fraction(int(tok)) if exact else int(tok)
-        raise ValueError(f"unexpected token {tok!r}")
-
-    def take_if(tok):
-        if peek() == tok:
-            take()
-            return True
-        return False
-
-    value = expr()
-    if pos != len(tokens):
-        raise ValueError(f"unexpected token {tokens[pos]!r}")
-    return value
+    Raises ValueError wherever eval raises SyntaxError (malformed input; like eval, '08', non-ASCII digits such as
+    '３' and nesting deeper than MAX_NESTING are errors, never numbers) and ZeroDivisionError. Linear time."""
+    prev, depth = None, 0
+    for tok in tokens:
+        kind = ("number" if tok.isdigit() else "operator" if tok in ("+", "-", "*", "/")
+                else {"(": "open", ")": "close"}.get(tok))
+        if not kind or (prev in ("number", "close")) != (kind in ("operator", "close")):
+            raise ValueError(f"unexpected token {tok[:20]!r}")
+        if kind == "number" and ((len(tok) > 1 and tok[0] == "0") or not tok.isascii() or len(tok) > MAX_NUMBER_DIGITS):
+            raise ValueError(f"malformed number: {tok[:20]!r}")
+        depth += (kind == "open") - (kind == "close")
+        if not 0 <= depth <= MAX_NESTING:
+            raise ValueError("unmatched ')'" if depth < 0 else "too many nested parentheses")
+        prev = kind
+    if prev not in ("number", "close") or depth:
+        raise ValueError("unexpected end of formula")
+    return _run_rpn(_to_rpn(tokens), {t: Fraction(int(t)) if exact else int(t) for t in tokens if t.isdigit()})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -274,20 +250,20 @@ def verify_gp(formula: str, card_values: list[int], solutions, target: int, reco
     if "".join(tokens) != formula:
         add("ILLEGAL_FORMULA", "illegal characters")
         return result()
-    prev, open_parens = None, 0
-    for tok in tokens:
-        kind = "number" if tok.isdigit() else {"(": "open", ")": "close"}.get(tok, "operator")
-        if kind == "number" and prev not in (None, "operator", "open"):
+    prev, open_parens = "^", 0  # token kinds: n(umber), o(perator), ( and ); ^ = the start
+    for kind in re.sub(r"\d+", "n", formula).translate(_KIND_OF_OPERATOR):
+        after_value = prev in "n)"
+        if kind == "n" and after_value:
             add("ILLEGAL_FORMULA", "invalid sequence after number")
-        elif kind == "operator" and prev not in ("number", "close"):
+        elif kind == "o" and not after_value:
             add("ILLEGAL_FORMULA", "invalid sequence after operator")
-        elif kind == "open":
-            if prev in (None, "operator", "open"):
-                open_parens += 1
-            else:
+        elif kind == "(":
+            if after_value:
                 add("ILLEGAL_FORMULA", "invalid sequence before '('")
-        elif kind == "close":
-            if prev not in ("number", "close"):
+            else:
+                open_parens += 1
+        elif kind == ")":
+            if not after_value:
                 add("ILLEGAL_FORMULA", "invalid sequence after ')'")
             elif open_parens:
                 open_parens -= 1
@@ -295,7 +271,9 @@ def verify_gp(formula: str, card_values: list[int], solutions, target: int, reco
                 add("ILLEGAL_FORMULA", "unmatched closing parenthesis")
         prev = kind
 
-    used = Counter(int(t) for t in tokens if t.isdigit())
+    used = Counter()  # a number longer than MAX_NUMBER_DIGITS (the official int() raises) is an invalid number
+    for digits, count in Counter(t for t in tokens if t.isdigit()).items():
+        used[int(digits) if len(digits) <= MAX_NUMBER_DIGITS else f"<{len(digits)}-digit number>"] += count
     available = Counter(card_values)
     invalid = [n for n in used if n not in available]
     overused = [n for n in used if used[n] > available[n]]
@@ -315,7 +293,7 @@ def verify_gp(formula: str, card_values: list[int], solutions, target: int, reco
         if evaluate(tokens, exact=exact_compare) == target:
             add("CORRECT_SOLUTION", "Correct solution")
             return result()
-    except (ValueError, ZeroDivisionError):
+    except (ValueError, ZeroDivisionError, OverflowError):  # official: eval() raised
         if any(sol.startswith(formula) for sol in solutions):
             add("PARTIAL_SOLUTION", "partial solution")
             return result()
@@ -621,7 +599,7 @@ EARTH_RADIUS_M = 6371000.0
 def virl_re_match(text: str, key: str) -> str:
     """re_match for the V-IRL keys. DEPARTURE: a non-string JSON value becomes a string (the official verifier would
     crash on `"intersection" in 3`)."""
-    return str(re_match(text, key))
+    return re_match(text, key, as_text=True)
 
 
 def virl_verify(response_text: str, gt_action: str, gt_obs: str):

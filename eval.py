@@ -26,6 +26,7 @@ from typing import Annotated, Callable, Literal, Optional
 
 import numpy as np
 import torch
+import transformers
 import tyro
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
@@ -101,6 +102,9 @@ class Args:
     """top-k sampling (0 = off); only used when temperature > 0"""
     batch_size: int = 32
     """episodes generating together in one batched call per turn (left padding)"""
+    kv_reuse: bool = True
+    """text models: keep each episode's KV cache between turns and reuse the prompt prefix shared by episodes, so only
+    new tokens are prefilled (detail #13); --no-kv-reuse re-encodes every conversation, as before"""
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     """torch device"""
 
@@ -424,26 +428,93 @@ def chat_inputs(processor, conversations: list, images: Optional[list] = None, a
     return tok(texts, padding=True, add_special_tokens=False, return_tensors="pt")
 
 
+class PrefixCache:
+    """KV-cache reuse for batched generation with a text model: keeps the keys/values of the sequences it generated
+    last and, for each new prompt, prefills only what follows the longest prefix it shares with one of them: the
+    conversation so far (cross-turn) or the system prompt and task template of another episode (shared prefix).
+    Masks and the cumsum position ids of generate() skip the left pads, so every token sees the same context at the
+    same position as in a plain forward over the whole prompt."""
+
+    def __init__(self, model):
+        self.model, self.entries = model, []  # entries: (token ids (T,), [(keys, values) per layer, each (H, T, D)])
+
+    def match(self, ids: np.ndarray) -> tuple:
+        """(entry, length) of the longest common prefix with a stored sequence, leaving >= 1 token to feed."""
+        best = (None, 0)
+        for entry in self.entries:
+            n = min(len(entry[0]), len(ids) - 1)
+            if n > best[1]:
+                diff = np.flatnonzero(entry[0][:n] != ids[:n])
+                common = int(diff[0]) if len(diff) else n
+                best = (entry, common) if common > best[1] else best
+        return best
+
+    @torch.no_grad()
+    def generate(self, prompts: list, pad_id: int, eos_id: int, device, **generate_kwargs):
+        """prompts: token-id lists -> (model.generate's output, W): sequences (B, W + new tokens), the first W columns
+        the left-padded prompts. Stores the KV of every prompt + response (but its last token) for the next call."""
+        ids = [np.asarray(p) for p in prompts]
+        matches = [self.match(x) for x in ids]
+        B, C = len(ids), max(c for _, c in matches)
+        R = max(len(x) - c for x, (_, c) in zip(ids, matches))
+        input_ids = torch.full((B, C + R), pad_id, dtype=torch.long)  # layout per row: [pad, reused | pad, new]
+        attention_mask = torch.zeros((B, C + R), dtype=torch.long)
+        layers = None
+        if C > 0:
+            layers = []
+            for l in range(len(self.entries[0][1])):
+                k0 = self.entries[0][1][l][0]
+                keys = k0.new_zeros((B, k0.shape[0], C, k0.shape[2]))  # (B, H, C, D)
+                values = torch.zeros_like(keys)
+                for i, (entry, c) in enumerate(matches):
+                    if c:
+                        keys[i, :, C - c:], values[i, :, C - c:] = entry[1][l][0][:, :c], entry[1][l][1][:, :c]
+                layers.append((keys.to(device), values.to(device)))
+        cache = transformers.DynamicCache(layers, config=self.model.config)
+        for i, (x, (_, c)) in enumerate(zip(ids, matches)):
+            input_ids[i, C - c:C], attention_mask[i, C - c:C] = torch.from_numpy(x[:c]), 1
+            input_ids[i, C + R - (len(x) - c):], attention_mask[i, C + R - (len(x) - c):] = torch.from_numpy(x[c:]), 1
+        out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                  cache=cache, **{**generate_kwargs, "return_dict_in_generate": True})
+        self.entries = []
+        for i, (x, (_, c)) in enumerate(zip(ids, matches)):
+            response = out.sequences[i, C + R:].tolist()
+            n = response.index(eos_id) + 1 if eos_id in response else len(response)
+            keep = torch.cat([torch.arange(C - c, C), torch.arange(C + R - (len(x) - c), C + R + n - 1)]).to(device)
+            kv = [(layer.keys[i].index_select(1, keep), layer.values[i].index_select(1, keep)) for layer in cache.layers]
+            self.entries.append((np.concatenate([x, np.asarray(response[:n - 1], dtype=x.dtype)]), kv))
+        return out, C + R
+
+
 class ModelPolicy:
-    """The model-backed policy: chat template -> left-padded batch -> one generate() call -> decoded answers."""
+    """The model-backed policy: chat template -> one batched generate() call per turn -> decoded answers. Text models
+    reuse the KV cache of the conversation so far and of the prompt prefix shared by all episodes (detail #13)."""
 
     def __init__(self, model, processor, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
-                 device: str):
+                 device: str, kv_reuse: bool = True):
         self.model, self.processor, self.device = model.eval(), processor, device
         self.gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0)
         if temperature > 0:
             self.gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
         else:  # explicit, so the checkpoint's generation_config cannot switch sampling on (detail #10)
             self.gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+        self.prefix_cache = PrefixCache(model) if kv_reuse and not is_vl(processor) else None
 
     @torch.no_grad()
     def __call__(self, batch: list) -> list:
         images = [image for _, image in batch]
+        tok = tokenizer_of(self.processor)
+        if self.prefix_cache is not None and images[0] is None:
+            texts = [self.processor.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m, _ in batch]
+            prompts = tok(texts, add_special_tokens=False)["input_ids"]
+            out, width = self.prefix_cache.generate(prompts, tok.pad_token_id, tok.eos_token_id, self.device,
+                                                    **self.gen_kwargs)
+            return tok.batch_decode(out.sequences[:, width:], skip_special_tokens=True)
         inputs = chat_inputs(self.processor, [messages for messages, _ in batch],
                              images if images[0] is not None else None).to(self.device)
         out = self.model.generate(**inputs, **self.gen_kwargs)
         prompt_len = inputs["input_ids"].shape[1]
-        return tokenizer_of(self.processor).batch_decode(out[:, prompt_len:], skip_special_tokens=True)
+        return tok.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
 
 
 # ---- Checkpoints of a training run (for curves) ----
@@ -714,7 +785,7 @@ if __name__ == "__main__":
                 except ValueError as e:
                     fail(f"{c['path']} for task {task}: {e}")
                 policy = ModelPolicy(model.to(args.device), processor, args.max_new_tokens, args.temperature,
-                                     args.top_p, args.top_k, args.device)
+                                     args.top_p, args.top_k, args.device, args.kv_reuse)
                 for setting in settings:
                     torch.manual_seed(args.seed)
                     t0 = time.time()

@@ -226,8 +226,12 @@ class Args:
     """top-k sampling (0 = off)"""
     max_new_tokens: int = 128
     """generation length per response (paper: 512; the SmolLM2 answer block is ~60 tokens)"""
-    share_prefix: bool = True
-    """prefill the prompt prefix shared by all episodes once and reuse its KV cache in generate (text models)"""
+    kv_reuse: bool = True
+    """text models: within a rollout, prefill only the new tokens of each prompt, reusing the KV cache of the slot's
+    conversation so far and of the prompt prefix shared by all episodes (detail #10)"""
+    logprobs_from_sampling: bool = False
+    """take the old log pi(a|s) and V(s) from the sampling pass instead of a second scoring forward (detail #26;
+    needs top_p 1 and top_k 0, so that the sampler is exactly pi; not under FSDP)"""
     official: tyro.conf.OmitArgPrefixes[Official] = field(default_factory=Official)
     """the official code's quirks (flags without a prefix: --skip-first-tokens, --bf16-logprob-sum, ...)"""
 
@@ -379,20 +383,27 @@ def collate(samples: list[dict], pad_id: int, device) -> dict:
                 cot_mask=cot_mask.to(device), answer_mask=answer_mask.to(device), extra=extra)
 
 
+def turn_logprob(token_logprobs, cot_mask, answer_mask, thought_prob_coef: float, bf16_logprob_sum: bool = False):
+    """log pi(a|s) = thought_prob_coef * log p(CoT tokens) + log p(answer tokens), summed in fp32 (detail #1, #4);
+    all arguments (B, R) or (R,)."""
+    if bf16_logprob_sum:
+        token_logprobs = token_logprobs.bfloat16()
+    cot_logprob = (token_logprobs * cot_mask).sum(-1).float()  # (B,)
+    answer_logprob = (token_logprobs * answer_mask).sum(-1).float()  # (B,)
+    return thought_prob_coef * cot_logprob + answer_logprob  # (B,)
+
+
 def get_logprob_and_value(agent, batch: dict, temperature: float, thought_prob_coef: float,
                           bf16_logprob_sum: bool = False, with_entropy: bool = False):
-    """log pi(a|s) = thought_prob_coef * log p(CoT) + log p(answer) and V(s): the one function that scores actions
-    at rollout and update time (details #1, #4, #6). Returns logprob (B,), value (B,), token_logprobs (B, R) fp32,
+    """log pi(a|s) and V(s) from one forward over [prompt, response]: the function that scores actions at update
+    time and, without --logprobs-from-sampling, at rollout time (details #1, #4, #6). Returns logprob (B,), value (B,), token_logprobs (B, R) fp32,
     entropy (B,) or None."""
     R = batch["response_ids"].shape[1]
     logits, value = agent(batch["input_ids"], batch["attention_mask"], batch["position_ids"], R, **batch["extra"])
     logp_all = F.log_softmax(logits.float() / temperature, dim=-1)  # (B, R, V) fp32, temperature-scaled
     token_logprobs = logp_all.gather(-1, batch["response_ids"].unsqueeze(-1)).squeeze(-1)  # (B, R)
-    if bf16_logprob_sum:
-        token_logprobs = token_logprobs.bfloat16()
-    cot_logprob = (token_logprobs * batch["cot_mask"]).sum(-1).float()  # (B,)
-    answer_logprob = (token_logprobs * batch["answer_mask"]).sum(-1).float()  # (B,)
-    logprob = thought_prob_coef * cot_logprob + answer_logprob  # (B,)
+    logprob = turn_logprob(token_logprobs, batch["cot_mask"], batch["answer_mask"], thought_prob_coef,
+                           bf16_logprob_sum)  # (B,)
     entropy = None
     if with_entropy:  # full-vocabulary entropy, mean over the response tokens
         response_mask = (batch["cot_mask"] + batch["answer_mask"] > 0).float()  # (B, R)
@@ -420,39 +431,95 @@ def encode_prompts(processor, observations: list[dict], task: str) -> list[dict]
     return samples
 
 
+class PrefixCache:
+    """KV-cache reuse for batched generation with a text model: keeps the keys/values of the sequences it generated
+    last and, for each new prompt, prefills only what follows the longest prefix it shares with one of them: the
+    conversation so far (cross-turn) or the system prompt and task template of another episode (shared prefix).
+    Masks and the cumsum position ids of generate() skip the left pads, so every token sees the same context at the
+    same position as in a plain forward over the whole prompt."""
+
+    def __init__(self, model):
+        self.model, self.entries = model, []  # entries: (token ids (T,), [(keys, values) per layer, each (H, T, D)])
+
+    def match(self, ids: np.ndarray) -> tuple:
+        """(entry, length) of the longest common prefix with a stored sequence, leaving >= 1 token to feed."""
+        best = (None, 0)
+        for entry in self.entries:
+            n = min(len(entry[0]), len(ids) - 1)
+            if n > best[1]:
+                diff = np.flatnonzero(entry[0][:n] != ids[:n])
+                common = int(diff[0]) if len(diff) else n
+                best = (entry, common) if common > best[1] else best
+        return best
+
+    @torch.no_grad()
+    def generate(self, prompts: list, pad_id: int, eos_id: int, device, **generate_kwargs):
+        """prompts: token-id lists -> (model.generate's output, W): sequences (B, W + new tokens), the first W columns
+        the left-padded prompts. Stores the KV of every prompt + response (but its last token) for the next call."""
+        ids = [np.asarray(p) for p in prompts]
+        matches = [self.match(x) for x in ids]
+        B, C = len(ids), max(c for _, c in matches)
+        R = max(len(x) - c for x, (_, c) in zip(ids, matches))
+        input_ids = torch.full((B, C + R), pad_id, dtype=torch.long)  # layout per row: [pad, reused | pad, new]
+        attention_mask = torch.zeros((B, C + R), dtype=torch.long)
+        layers = None
+        if C > 0:
+            layers = []
+            for l in range(len(self.entries[0][1])):
+                k0 = self.entries[0][1][l][0]
+                keys = k0.new_zeros((B, k0.shape[0], C, k0.shape[2]))  # (B, H, C, D)
+                values = torch.zeros_like(keys)
+                for i, (entry, c) in enumerate(matches):
+                    if c:
+                        keys[i, :, C - c:], values[i, :, C - c:] = entry[1][l][0][:, :c], entry[1][l][1][:, :c]
+                layers.append((keys.to(device), values.to(device)))
+        cache = transformers.DynamicCache(layers, config=self.model.config)
+        for i, (x, (_, c)) in enumerate(zip(ids, matches)):
+            input_ids[i, C - c:C], attention_mask[i, C - c:C] = torch.from_numpy(x[:c]), 1
+            input_ids[i, C + R - (len(x) - c):], attention_mask[i, C + R - (len(x) - c):] = torch.from_numpy(x[c:]), 1
+        out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                  cache=cache, **{**generate_kwargs, "return_dict_in_generate": True})
+        self.entries = []
+        for i, (x, (_, c)) in enumerate(zip(ids, matches)):
+            response = out.sequences[i, C + R:].tolist()
+            n = response.index(eos_id) + 1 if eos_id in response else len(response)
+            keep = torch.cat([torch.arange(C - c, C), torch.arange(C + R - (len(x) - c), C + R + n - 1)]).to(device)
+            kv = [(layer.keys[i].index_select(1, keep), layer.values[i].index_select(1, keep)) for layer in cache.layers]
+            self.entries.append((np.concatenate([x, np.asarray(response[:n - 1], dtype=x.dtype)]), kv))
+        return out, C + R
+
+
 @torch.no_grad()
-def generate(agent, processor, prompts: list[dict], gen_config, share_prefix: bool, device, synced_gpus: bool):
-    """One batched sampling call for all episodes (left padding, detail #10). Returns, per sample, the response ids
-    exactly as generated (cut after the first eos, eos kept) and whether it hit max_new_tokens without an eos."""
-    tok = tokenizer_of(processor)
-    empty = dict(prompt_ids=[], response_ids=[], cot_mask=[], answer_mask=[])
-    batch = collate([{**empty, **p} for p in prompts], tok.pad_token_id, device)
-    policy = unwrap(agent).policy
-    input_ids, attention_mask, cache = batch["input_ids"], batch["attention_mask"], None
-    ids = [p["prompt_ids"] for p in prompts]
-    L = 0  # length of the prompt prefix common to all episodes (system prompt + task template)
-    while all(len(x) > L + 1 and x[L] == ids[0][L] for x in ids):
-        L += 1
-    if share_prefix and not batch["extra"] and not synced_gpus and len(ids) > 1 and L >= 8:
-        # prefill the common prefix once and reuse its KV cache for every row; layout [prefix, pad.., rest]:
-        # masks and the generate()'s cumsum position ids skip the pads, so the tokens sampled are unchanged
-        cache = transformers.DynamicCache(config=policy.config)
-        policy(input_ids=torch.tensor([ids[0][:L]], device=device), cache=cache, use_cache=True)
-        cache.batch_repeat_interleave(len(ids))
-        S = max(len(x) for x in ids) - L
-        input_ids = torch.full((len(ids), L + S), tok.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        input_ids[:, :L], attention_mask[:, :L] = torch.tensor(ids[0][:L]), 1
-        for i, x in enumerate(ids):
-            input_ids[i, L + S - (len(x) - L):], attention_mask[i, L + S - (len(x) - L):] = torch.tensor(x[L:]), 1
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    sequences = policy.generate(input_ids=input_ids, attention_mask=attention_mask, cache=cache,
-                                generation_config=gen_config, synced_gpus=synced_gpus, **batch["extra"])
-    out = []
-    for ids in sequences[:, input_ids.shape[1]:].tolist():  # (B, <= max_new_tokens)
+def generate(agent, processor, prompts: list[dict], gen_config, prefix_cache, device, synced_gpus: bool,
+             with_logprobs: bool = False):
+    """One batched sampling call for all episodes (detail #10), through `prefix_cache` (a PrefixCache: text models,
+    only the new tokens of each prompt are prefilled) or, when None or with images, a plain left-padded batch.
+    Returns, per sample, the response ids exactly as generated (cut after the first eos, eos kept), whether it hit
+    max_new_tokens without an eos and, with_logprobs, the sampled tokens' log-probs (R,) from the sampling logits
+    and V(s) from the final hidden state of the last prompt token (detail #26)."""
+    tok, policy = tokenizer_of(processor), unwrap(agent).policy
+    kwargs = dict(generation_config=gen_config, synced_gpus=synced_gpus, return_dict_in_generate=True,
+                  output_scores=with_logprobs, output_hidden_states=with_logprobs)
+    if prefix_cache is not None and not prompts[0]["extra"]:
+        out, width = prefix_cache.generate([p["prompt_ids"] for p in prompts], tok.pad_token_id, tok.eos_token_id,
+                                           device, **kwargs)
+    else:
+        empty = dict(prompt_ids=[], response_ids=[], cot_mask=[], answer_mask=[])
+        batch = collate([{**empty, **p} for p in prompts], tok.pad_token_id, device)
+        out = policy.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs,
+                              **batch["extra"])
+        width = batch["input_ids"].shape[1]
+    if with_logprobs:  # scores: the temperature-scaled logits the sampler drew from, (B, T, V)
+        logp = F.log_softmax(torch.stack(out.scores, 1).float(), dim=-1)
+        values = unwrap(agent).value_head(out.hidden_states[0][-1][:, -1])  # (B,) last prompt token
+    results = []
+    for i, ids in enumerate(out.sequences[:, width:].tolist()):  # (B, <= max_new_tokens)
         n = ids.index(tok.eos_token_id) + 1 if tok.eos_token_id in ids else len(ids)
-        out.append(dict(response_ids=ids[:n], truncated=n == len(ids) and ids[-1] != tok.eos_token_id))
-    return out
+        results.append(dict(response_ids=ids[:n], truncated=n == len(ids) and ids[-1] != tok.eos_token_id))
+        if with_logprobs:
+            results[-1]["token_logprobs"] = logp[i, torch.arange(n), torch.tensor(ids[:n])]  # (n,) fp32
+            results[-1]["value"] = values[i].float()
+    return results
 
 
 @torch.no_grad()
@@ -634,6 +701,7 @@ def evaluate(agent, processor, args: Args, gen_config, device, rank: int, world_
     for name, (source, overrides) in eval_splits(args).items():
         episodes = list(range(args.eval_episodes))[rank::world_size]
         envs = [make_env(args, source, None, **overrides) for _ in episodes]
+        prefix_cache = PrefixCache(unwrap(agent).policy) if args.kv_reuse and not synced_gpus else None
         obs = [env.reset(seed=args.eval_seed + i, options={"route_idx": i % len(env.route_list)})[0]
                for env, i in zip(envs, episodes)]
         active, steps, correct, success, turn = [True] * len(envs), 0.0, 0.0, 0.0, 0
@@ -645,11 +713,12 @@ def evaluate(agent, processor, args: Args, gen_config, device, rank: int, world_
             if any_active.item() == 0 or (args.eval_max_turns > 0 and turn >= args.eval_max_turns):
                 break
             turn += 1
-            # under FSDP every rank must call generate the same number of times: an idle rank generates a dummy
+            # under FSDP every rank must call generate the same number of times: an idle rank generates a dummy;
+            # each split starts a new PrefixCache (episodes of one split share prompt prefixes)
             prompts = encode_prompts(processor, [obs[i] for i in (idx or [0])], args.task) if envs else []
             if not prompts:
                 continue
-            responses = generate(agent, processor, prompts, gen_config, args.share_prefix, device, synced_gpus)
+            responses = generate(agent, processor, prompts, gen_config, prefix_cache, device, synced_gpus)
             for i, r in zip(idx, responses):
                 obs[i], reward, terminated, truncated, info = envs[i].step(
                     tokenizer_of(processor).decode(r["response_ids"], skip_special_tokens=True))
@@ -715,6 +784,8 @@ if __name__ == "__main__":
                                       "the minibatch must divide into micro batches of micro_batch_size")
     if args.num_updates < 1 or args.update_epochs < 1:
         raise SystemExit("error: --num-updates and --update-epochs must be >= 1")
+    if args.logprobs_from_sampling and (args.top_p < 1.0 or args.top_k > 0):
+        raise SystemExit("error: --logprobs-from-sampling needs --top-p 1 --top-k 0 (the sampler must be exactly pi)")
 
     # resume: the checkpoint carries the weights, the arguments that define the run and the run directory
     resume_state = None
@@ -812,6 +883,7 @@ if __name__ == "__main__":
     if resume_state is not None:
         opt_file = f"optimizer_rank{rank}.pt" if fsdp else "optimizer.pt"
         optimizer.load_state_dict(torch.load(os.path.join(args.resume, opt_file), weights_only=False))
+    sampled_lp = args.logprobs_from_sampling and not fsdp
     gen_config = transformers.GenerationConfig(  # the sampler is exactly pi (detail #9)
         do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id)
@@ -879,12 +951,14 @@ if __name__ == "__main__":
         dones = torch.zeros((args.num_steps, args.num_envs))
         outcomes, resp_lens, truncs, successes, corrects, kls = {k: 0 for k in VIRL_OUTCOMES}, [], [], [], [], []
         agent.eval()
+        # KV reuse within this rollout only: the weights change with every update (detail #10)
+        prefix_cache = PrefixCache(unwrap(agent).policy) if args.kv_reuse and not fsdp else None
         for step in range(args.num_steps):
             global_step += args.num_envs * world_size
             dones[step] = next_done
             # 1a. one batched generate for all episode slots
             prompts = encode_prompts(processor, next_obs, args.task)
-            responses = generate(agent, processor, prompts, gen_config, args.share_prefix, device, synced_gpus=fsdp)
+            responses = generate(agent, processor, prompts, gen_config, prefix_cache, device, fsdp, sampled_lp)
             step_samples = []
             for p, r in zip(prompts, responses):
                 cot, answer = action_masks(tokenizer, r["response_ids"], ANSWER_KEY, args.official.skip_first_tokens,
@@ -893,8 +967,15 @@ if __name__ == "__main__":
                 tokens_generated += (len(p["prompt_ids"]) + len(r["response_ids"])) * world_size
                 resp_lens.append(len(r["response_ids"]))
                 truncs.append(float(r["truncated"]))
-            # 1b. old log pi(a|s) and V(s) from the same function the update uses (detail #6)
-            logprobs[step], values[step] = score(agent, step_samples, pad_id, device, args.micro_batch_size, **lp)
+            # 1b. old log pi(a|s) and V(s): from the sampling pass, or from the function the update uses (detail #6)
+            if sampled_lp:
+                logprobs[step] = torch.stack([turn_logprob(r["token_logprobs"], torch.tensor(s["cot_mask"]),
+                                                           torch.tensor(s["answer_mask"]), args.thought_prob_coef,
+                                                           args.official.bf16_logprob_sum)
+                                              for r, s in zip(responses, step_samples)])
+                values[step] = torch.stack([r["value"] for r in responses])
+            else:
+                logprobs[step], values[step] = score(agent, step_samples, pad_id, device, args.micro_batch_size, **lp)
             if args.kl_coef > 0:  # sequence-level k1 KL to the initial policy, subtracted from the reward (detail #15)
                 kls.append(logprobs[step] - score(ref_agent, step_samples, pad_id, device, args.micro_batch_size,
                                                   **lp)[0])

@@ -53,7 +53,7 @@ def rollout(agent, processor, args, envs, task: str, turns: int, batched: bool) 
     for _ in range(turns):
         for group in groups:
             prompts = ppo.encode_prompts(processor, [obs[i] for i in group], task)
-            responses = ppo.generate(agent, processor, prompts, gen_config(args, tok), args.share_prefix, "cpu",
+            responses = ppo.generate(agent, processor, prompts, gen_config(args, tok), ppo.PrefixCache(agent.policy) if args.kv_reuse else None, "cpu",
                                      synced_gpus=False)
             batch = []
             for p, r in zip(prompts, responses):

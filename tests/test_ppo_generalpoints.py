@@ -126,14 +126,14 @@ def test_token_in_token_out_and_first_minibatch_ratio_is_one(tiny):
                                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     prompts = prompts_of(processor, [3, 4, 5], turns=1)
     torch.manual_seed(0)
-    responses = ppo.generate(agent, processor, prompts, gen_config, True, "cpu", synced_gpus=False)
+    responses = ppo.generate(agent, processor, prompts, gen_config, ppo.PrefixCache(agent.policy), "cpu", False)
     samples = []
     for p, r in zip(prompts, responses):
         assert r["truncated"] == (len(r["response_ids"]) == 12 and r["response_ids"][-1] != tok.eos_token_id)
         cot, answer = ppo.action_masks(tok, r["response_ids"], ppo.ANSWER_KEY, 2)
         samples.append(dict(p, response_ids=r["response_ids"], cot_mask=cot, answer_mask=answer))
-    torch.manual_seed(0)  # the shared-prefix KV cache does not change what is sampled
-    unshared = ppo.generate(agent, processor, prompts, gen_config, False, "cpu", synced_gpus=False)
+    torch.manual_seed(0)  # the reused KV cache does not change what is sampled
+    unshared = ppo.generate(agent, processor, prompts, gen_config, None, "cpu", False)
     assert [r["response_ids"] for r in unshared] == [r["response_ids"] for r in responses]
     batch = ppo.collate(samples, tok.pad_token_id, "cpu")
     for i, s in enumerate(samples):  # the update batch holds exactly the generated ids
