@@ -451,8 +451,9 @@ class PrefixCache:
 
     @torch.no_grad()
     def generate(self, prompts: list, pad_id: int, eos_id: int, device, **generate_kwargs):
-        """prompts: token-id lists -> (model.generate's output, W): sequences (B, W + new tokens), the first W columns
-        the left-padded prompts. Stores the KV of every prompt + response (but its last token) for the next call."""
+        """prompts: token-id lists -> (model.generate's output (generate_kwargs must ask for return_dict_in_generate),
+        W): sequences (B, W + new tokens), the first W columns the left-padded prompts. Stores the KV of every prompt +
+        response (but its last token) for the next call."""
         ids = [np.asarray(p) for p in prompts]
         matches = [self.match(x) for x in ids]
         B, C = len(ids), max(c for _, c in matches)
@@ -475,7 +476,7 @@ class PrefixCache:
             input_ids[i, C - c:C], attention_mask[i, C - c:C] = torch.from_numpy(x[:c]), 1
             input_ids[i, C + R - (len(x) - c):], attention_mask[i, C + R - (len(x) - c):] = torch.from_numpy(x[c:]), 1
         out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                  cache=cache, **{**generate_kwargs, "return_dict_in_generate": True})
+                                  cache=cache, **generate_kwargs)
         self.entries = []
         for i, (x, (_, c)) in enumerate(zip(ids, matches)):
             response = out.sequences[i, C + R:].tolist()
@@ -493,7 +494,7 @@ class ModelPolicy:
     def __init__(self, model, processor, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
                  device: str, kv_reuse: bool = True):
         self.model, self.processor, self.device = model.eval(), processor, device
-        self.gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0)
+        self.gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, return_dict_in_generate=True)
         if temperature > 0:
             self.gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
         else:  # explicit, so the checkpoint's generation_config cannot switch sampling on (detail #10)
@@ -513,8 +514,7 @@ class ModelPolicy:
         inputs = chat_inputs(self.processor, [messages for messages, _ in batch],
                              images if images[0] is not None else None).to(self.device)
         out = self.model.generate(**inputs, **self.gen_kwargs)
-        prompt_len = inputs["input_ids"].shape[1]
-        return tok.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
+        return tok.batch_decode(out.sequences[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 # ---- Checkpoints of a training run (for curves) ----

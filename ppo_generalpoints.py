@@ -420,8 +420,9 @@ class PrefixCache:
 
     @torch.no_grad()
     def generate(self, prompts: list, pad_id: int, eos_id: int, device, **generate_kwargs):
-        """prompts: token-id lists -> (model.generate's output, W): sequences (B, W + new tokens), the first W columns
-        the left-padded prompts. Stores the KV of every prompt + response (but its last token) for the next call."""
+        """prompts: token-id lists -> (model.generate's output (generate_kwargs must ask for return_dict_in_generate),
+        W): sequences (B, W + new tokens), the first W columns the left-padded prompts. Stores the KV of every prompt +
+        response (but its last token) for the next call."""
         ids = [np.asarray(p) for p in prompts]
         matches = [self.match(x) for x in ids]
         B, C = len(ids), max(c for _, c in matches)
@@ -444,7 +445,7 @@ class PrefixCache:
             input_ids[i, C - c:C], attention_mask[i, C - c:C] = torch.from_numpy(x[:c]), 1
             input_ids[i, C + R - (len(x) - c):], attention_mask[i, C + R - (len(x) - c):] = torch.from_numpy(x[c:]), 1
         out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                  cache=cache, **{**generate_kwargs, "return_dict_in_generate": True})
+                                  cache=cache, **generate_kwargs)
         self.entries = []
         for i, (x, (_, c)) in enumerate(zip(ids, matches)):
             response = out.sequences[i, C + R:].tolist()
@@ -464,8 +465,9 @@ def generate(agent, processor, prompts: list[dict], gen_config, prefix_cache, de
     max_new_tokens without an eos and, with_logprobs, the sampled tokens' log-probs (R,) from the sampling logits
     and V(s) from the final hidden state of the last prompt token (detail #26)."""
     tok, policy = tokenizer_of(processor), unwrap(agent).policy
-    kwargs = dict(generation_config=gen_config, synced_gpus=synced_gpus, return_dict_in_generate=True,
-                  output_scores=with_logprobs, output_hidden_states=with_logprobs)
+    gen_config = copy.deepcopy(gen_config)
+    gen_config.update(return_dict_in_generate=True, output_scores=with_logprobs, output_hidden_states=with_logprobs)
+    kwargs = dict(generation_config=gen_config, synced_gpus=synced_gpus)
     if prefix_cache is not None and not prompts[0]["extra"]:
         out, width = prefix_cache.generate([p["prompt_ids"] for p in prompts], tok.pad_token_id, tok.eos_token_id,
                                            device, **kwargs)

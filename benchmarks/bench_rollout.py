@@ -1,19 +1,21 @@
-"""Rollout and update throughput of ppo_generalpoints.py, in one run on one model.
+"""Rollout and update throughput of ppo_generalpoints.py, side by side in one run on one model.
 
-1. Multi-turn GP-L rollout, env steps/s: the batched scheme of ppo_generalpoints.py (one left-padded generate per
-   turn for all episodes + one batched log-prob/value forward) next to the official batch-1 scheme (one episode at a
-   time: generate, then a forward for log-prob/value, protocol.md §4.2). Same prompts, sampling and lengths.
-2. PPO update tokens/s (get_logprob_and_value + clipped losses + backward + Adam) next to a bare
-   forward + backward + Adam loop (full logits, token cross-entropy) on the same micro-batches.
+Rollout schemes on the same multi-turn GP-L episodes (same sampling settings and lengths):
+  batch-1   the official scheme (protocol.md §4.2): one episode at a time, generate, then a log-prob/value forward;
+  before    the previous batched rollout: one left-padded generate per turn for all episodes, the prompt prefix
+            common to the turn's episodes prefilled once, then a batched log-prob/value forward;
+  kv        the default now: PrefixCache keeps each episode's KV cache between turns (only the feedback and the
+            next prompt are prefilled), then the batched log-prob/value forward;
+  kv+lp     kv with --logprobs-from-sampling: log-probs and values from the sampling pass, no second forward.
+Then the PPO update tokens/s next to a bare forward + backward + Adam loop on the same micro-batches.
 
-    python benchmarks/bench_rollout.py                       # SFT checkpoint if present, else SmolLM2-135M
+    python benchmarks/bench_rollout.py --model-path runs/sft-gp-l-default/final --num-envs 8 --turns 2
     python benchmarks/bench_rollout.py --model-path tiny     # seconds
 """
 import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,16 +27,18 @@ import ppo_generalpoints as ppo  # noqa: E402
 
 @dataclass
 class BenchArgs:
-    model_path: Optional[str] = None
-    """checkpoint / `tiny` / `smollm2` (default: runs/sft-gp-l-default/final if it exists, else smollm2)"""
+    model_path: str = "runs/sft-gp-l-default/final"
+    """checkpoint / `tiny` / `smollm2`"""
     num_envs: int = 32
-    """parallel episodes of the batched scheme"""
+    """parallel episodes of the batched schemes"""
     batch1_envs: int = 4
     """episodes run one at a time by the official scheme (its rate is per env step, so fewer suffice)"""
     turns: int = 2
     """turns per episode measured (turn 2+ carries the verifier feedback: longer prompts)"""
-    max_new_tokens: int = 64
-    """generation length for both schemes"""
+    max_new_tokens: int = 96
+    """generation length of every scheme (the main job's PPO setting)"""
+    schemes: tuple[str, ...] = ("batch-1", "before", "kv", "kv+lp")
+    """which schemes to run"""
     update_samples: int = 8
     """samples per update measurement (micro-batches of micro_batch_size)"""
     micro_batch_size: int = 4
@@ -42,30 +46,65 @@ class BenchArgs:
     seed: int = 1
 
 
-def gen_config(args, tok):
-    """The sampling configuration ppo_*.py builds from its Args."""
-    return ppo.transformers.GenerationConfig(do_sample=True, temperature=args.temperature, top_p=args.top_p,
-                                             top_k=args.top_k, max_new_tokens=args.max_new_tokens,
-                                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+@torch.no_grad()
+def generate_before(agent, processor, prompts: list[dict], gen_config) -> list[dict]:
+    """The batched generate of ppo_generalpoints.py before KV reuse (commit 5d29c63): the prefix common to all
+    prompts of the turn is prefilled once and its cache repeated over the batch; the rest is prefilled every turn."""
+    tok, policy = ppo.tokenizer_of(processor), agent.policy
+    ids = [p["prompt_ids"] for p in prompts]
+    L = 0
+    while all(len(x) > L + 1 and x[L] == ids[0][L] for x in ids):
+        L += 1
+    S = max(len(x) for x in ids) - L
+    input_ids = torch.full((len(ids), L + S), tok.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    input_ids[:, :L], attention_mask[:, :L] = torch.tensor(ids[0][:L]), 1
+    for i, x in enumerate(ids):
+        input_ids[i, L + S - (len(x) - L):], attention_mask[i, L + S - (len(x) - L):] = torch.tensor(x[L:]), 1
+    cache = ppo.transformers.DynamicCache(config=policy.config)
+    if len(ids) > 1 and L >= 8:
+        policy(input_ids=torch.tensor([ids[0][:L]]), cache=cache, use_cache=True)
+        cache.batch_repeat_interleave(len(ids))
+    else:
+        input_ids, attention_mask = ppo.collate([dict(prompt_ids=x, response_ids=[], cot_mask=[], answer_mask=[],
+                                                      extra={}) for x in ids], tok.pad_token_id, "cpu")["input_ids"], None
+    if attention_mask is None:
+        attention_mask = (torch.arange(input_ids.shape[1])[None] >= input_ids.shape[1] - torch.tensor(
+            [len(x) for x in ids])[:, None]).long()
+    sequences = policy.generate(input_ids=input_ids, attention_mask=attention_mask, cache=cache,
+                                generation_config=gen_config)
+    out = []
+    for x in sequences[:, input_ids.shape[1]:].tolist():
+        n = x.index(tok.eos_token_id) + 1 if tok.eos_token_id in x else len(x)
+        out.append(dict(response_ids=x[:n]))
+    return out
 
 
-def rollout(agent, processor, args, envs, batched: bool) -> tuple:
-    """Runs `turns` steps of every env; returns (env steps, wall seconds, CPU seconds of this process, samples)."""
+def rollout(agent, processor, args, envs, scheme: str) -> tuple:
+    """`turns` steps of every env; returns (env steps, wall seconds, CPU seconds of this process, samples)."""
     tok = ppo.tokenizer_of(processor)
+    gen_config = ppo.transformers.GenerationConfig(
+        do_sample=True, temperature=args.temperature, top_p=1.0, top_k=0, max_new_tokens=args.max_new_tokens,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    lp = dict(temperature=args.temperature, thought_prob_coef=args.thought_prob_coef)
     obs = [env.reset(seed=i)[0] for i, env in enumerate(envs)]
+    prefix_cache = ppo.PrefixCache(agent.policy) if scheme.startswith("kv") else None
     samples, start, cpu_start = [], time.time(), time.process_time()
-    groups = [list(range(len(envs)))] if batched else [[i] for i in range(len(envs))]
+    groups = [[i] for i in range(len(envs))] if scheme == "batch-1" else [list(range(len(envs)))]
     for _ in range(bench.turns):
         for group in groups:
             prompts = ppo.encode_prompts(processor, [obs[i] for i in group], "gp-l")
-            responses = ppo.generate(agent, processor, prompts, gen_config(args, tok), ppo.PrefixCache(agent.policy) if args.kv_reuse else None, "cpu",
-                                     synced_gpus=False)
+            if scheme in ("batch-1", "before"):
+                responses = generate_before(agent, processor, prompts, gen_config)
+            else:
+                responses = ppo.generate(agent, processor, prompts, gen_config, prefix_cache, "cpu", False,
+                                         with_logprobs=scheme == "kv+lp")
             batch = []
             for p, r in zip(prompts, responses):
-                cot, answer = ppo.action_masks(tok, r["response_ids"], ppo.ANSWER_KEY, args.official.skip_first_tokens)
+                cot, answer = ppo.action_masks(tok, r["response_ids"], ppo.ANSWER_KEY, 2)
                 batch.append(dict(p, response_ids=r["response_ids"], cot_mask=cot, answer_mask=answer))
-            ppo.score(agent, batch, tok.pad_token_id, "cpu", args.micro_batch_size, temperature=args.temperature,
-                      thought_prob_coef=args.thought_prob_coef)
+            if scheme != "kv+lp":
+                ppo.score(agent, batch, tok.pad_token_id, "cpu", len(batch), **lp)
             for i, s in zip(group, batch):
                 obs[i], _, terminated, truncated, _ = envs[i].step(tok.decode(s["response_ids"],
                                                                               skip_special_tokens=True))
@@ -77,31 +116,28 @@ def rollout(agent, processor, args, envs, batched: bool) -> tuple:
 
 if __name__ == "__main__":
     bench = tyro.cli(BenchArgs)
-    name = bench.model_path or ("runs/sft-gp-l-default/final" if os.path.exists("runs/sft-gp-l-default/final")
-                                else "smollm2")
     torch.manual_seed(bench.seed)
-    policy, processor = ppo.load_model(name, vl_task=False)
+    policy, processor = ppo.load_model(bench.model_path, vl_task=False)
     agent = ppo.Agent(policy).eval()
-    args = ppo.Args(max_new_tokens=bench.max_new_tokens, micro_batch_size=bench.num_envs)
-    print(f"model {name}: {sum(p.numel() for p in agent.parameters()) / 1e6:.1f}M params, "
+    args = ppo.Args(max_new_tokens=bench.max_new_tokens)
+    print(f"model {bench.model_path}: {sum(p.numel() for p in agent.parameters()) / 1e6:.1f}M params, "
           f"{torch.get_num_threads()} threads, max_new_tokens {bench.max_new_tokens}, {bench.turns} turns", flush=True)
-
-    steps_b, secs_b, cpu_b, samples = rollout(agent, processor, args, [ppo.make_env(args, None) for _ in
-                                                                range(bench.num_envs)], batched=True)
-    print(f"batched ({bench.num_envs} episodes): {steps_b} env steps in {secs_b:.1f}s = {steps_b / secs_b:.3f} steps/s "
-          f"(CPU time {cpu_b:.1f}s)", flush=True)
-    args.micro_batch_size = 1
-    steps_1, secs_1, cpu_1, _ = rollout(agent, processor, args, [ppo.make_env(args, None) for _ in range(bench.batch1_envs)],
-                                 batched=False)
-    print(f"batch-1 official ({bench.batch1_envs} episodes): {steps_1} env steps in {secs_1:.1f}s = "
-          f"{steps_1 / secs_1:.3f} steps/s (CPU time {cpu_1:.1f}s)", flush=True)
-    # on a shared machine wall time depends on the other jobs; CPU time of this process is the steadier measure
-    print(f"ROLLOUT speed-up batched / batch-1: {(steps_b / secs_b) / (steps_1 / secs_1):.2f}x wall, "
-          f"{(steps_b / cpu_b) / (steps_1 / cpu_1):.2f}x CPU time", flush=True)
+    rates, samples = {}, []
+    for scheme in bench.schemes:
+        n = bench.batch1_envs if scheme == "batch-1" else bench.num_envs
+        torch.manual_seed(bench.seed)
+        steps, wall, cpu, got = rollout(agent, processor, args, [ppo.make_env(args, None) for _ in range(n)], scheme)
+        samples = samples or got
+        rates[scheme] = (steps / wall, steps / cpu, wall, cpu)
+        print(f"ROLLOUT {scheme} ({n} episodes): {steps} env steps in {wall:.1f} s wall, {cpu:.1f} s CPU = "
+              f"{steps / wall:.3f} steps/s wall, {steps / cpu:.3f} per CPU-second", flush=True)
+    for a, b in (("kv", "batch-1"), ("kv+lp", "batch-1"), ("kv", "before"), ("kv+lp", "before")):
+        if a in rates and b in rates:
+            print(f"ROLLOUT ratio {a} / {b}: {rates[a][0] / rates[b][0]:.2f}x wall, {rates[a][1] / rates[b][1]:.2f}x "
+                  f"CPU time (time per update: {rates[b][0] / rates[a][0]:.0%} of {b})", flush=True)
 
     # update throughput on the same micro-batches
     tok = ppo.tokenizer_of(processor)
-    args.micro_batch_size = bench.micro_batch_size
     samples = samples[:bench.update_samples]
     batches = [ppo.collate(samples[i:i + bench.micro_batch_size], tok.pad_token_id, "cpu")
                for i in range(0, len(samples), bench.micro_batch_size)]

@@ -393,3 +393,18 @@ def test_prepared_names_are_checked_without_building_them():
     assert all(ev.checkpoint_exists(name) for name in ("tiny", "smollm2", "smolvlm", "tiny-lm", "tiny-vl"))
     assert [ev.checkpoint_is_vl(name) for name in ("tiny", "smolvlm", "tiny-vl", "smollm2", "tiny-lm")] == \
         [True, True, True, False, False]
+
+
+def test_kv_reuse_gives_the_greedy_answers_of_a_plain_batch_with_refills():
+    """eval.py's PrefixCache (detail #13) across turns and across episodes that join the batch as others finish."""
+    model, tok = ev.load_model("tiny", vl_task=False)
+    setting = ev.Setting("gp-l", "id", dict(treat_face_cards_as_10=True, ood=False, language_only=True,
+                                            face_cards_color="mixed", split="all", verify_iter=2), 5, 3)
+    answers = {}
+    for kv_reuse in (False, True):
+        policy = ev.ModelPolicy(model, tok, 12, 0.0, 1.0, 0, "cpu", kv_reuse=kv_reuse)
+        episodes = ev.run_episodes(setting, policy, batch_size=2, log_every_s=1e9)
+        answers[kv_reuse] = [[t["response"] for t in e["turns"]] for e in episodes]
+        if kv_reuse:
+            assert policy.prefix_cache.entries  # it kept the KV of the last turn's sequences
+    assert answers[True] == answers[False] and sum(len(a) for a in answers[True]) == 5 * 3

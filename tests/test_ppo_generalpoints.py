@@ -217,3 +217,40 @@ def test_two_process_gloo_fsdp(tmp_path):
     assert rec["compute/env_steps"] == 4 and rec["losses/first_minibatch_approx_kl"] < 1e-6
     (run_dir,) = list((tmp_path / "runs").iterdir())
     assert os.path.exists(run_dir / "checkpoints" / "update_0001" / "optimizer_rank1.pt")
+
+
+def test_kv_reuse_across_turns_samples_the_same_tokens_and_logprobs_from_sampling_match(tiny):
+    """Turn 2 prompts extend the turn-1 conversations (verifier feedback): PrefixCache prefills only the new tokens,
+    and the sampled tokens are those of a plain left-padded batch; the sampling-pass log-probs and values equal a
+    fresh forward over the stored ids to float tolerance (detail #26)."""
+    agent, processor = tiny
+    tok = ppo.tokenizer_of(processor)
+    gen_config = transformers.GenerationConfig(do_sample=True, temperature=0.7, top_p=1.0, top_k=0, max_new_tokens=10,
+                                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    answers, reused = {}, 0
+    for cached in (False, True):
+        envs = [GeneralPointsEnv(seed=s) for s in (7, 8, 9)]
+        obs = [env.reset()[0] for env in envs]
+        prefix_cache = ppo.PrefixCache(agent.policy) if cached else None
+        answers[cached] = []
+        for turn in range(3):
+            prompts = ppo.encode_prompts(processor, obs, "gp-l")
+            if cached and turn > 0:
+                reused += sum(prefix_cache.match(np.asarray(p["prompt_ids"]))[1] for p in prompts)
+            torch.manual_seed(turn)
+            responses = ppo.generate(agent, processor, prompts, gen_config, prefix_cache, "cpu", False,
+                                     with_logprobs=True)
+            answers[cached].append([r["response_ids"] for r in responses])
+            samples = []
+            for p, r in zip(prompts, responses):
+                cot, answer = ppo.action_masks(tok, r["response_ids"], ppo.ANSWER_KEY, 2)
+                samples.append(dict(p, response_ids=r["response_ids"], cot_mask=cot, answer_mask=answer))
+            _, value, token_logprobs, _ = ppo.get_logprob_and_value(agent, ppo.collate(samples, tok.pad_token_id, "cpu"),
+                                                                    0.7, 0.5)
+            for i, r in enumerate(responses):
+                n = len(r["response_ids"])
+                assert torch.allclose(r["token_logprobs"], token_logprobs[i, :n], atol=1e-4)
+                assert torch.allclose(r["value"], value[i], atol=1e-4)
+            obs = [env.step(tok.decode(r["response_ids"], skip_special_tokens=True))[0] for env, r in zip(envs, responses)]
+    assert answers[True] == answers[False]
+    assert reused > 3 * 2 * 500  # turns 2 and 3 reuse most of each ~600-character conversation
