@@ -419,7 +419,8 @@ def chat_inputs(processor, conversations: list, images: Optional[list] = None, a
         if images is not None:  # the image goes before the text of the first user message
             first = next(m for m in messages if m["role"] == "user")
             first["content"] = [{"type": "image"}, {"type": "text", "text": first["content"]}]
-        texts.append(processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt))
+        texts.append(processor.apply_chat_template(messages, tokenize=False,
+                                                   add_generation_prompt=add_generation_prompt))
     tok = tokenizer_of(processor)
     tok.padding_side = padding_side
     if images is not None:
@@ -482,7 +483,8 @@ class PrefixCache:
             response = out.sequences[i, C + R:].tolist()
             n = response.index(eos_id) + 1 if eos_id in response else len(response)
             keep = torch.cat([torch.arange(C - c, C), torch.arange(C + R - (len(x) - c), C + R + n - 1)]).to(device)
-            kv = [(layer.keys[i].index_select(1, keep), layer.values[i].index_select(1, keep)) for layer in cache.layers]
+            kv = [(layer.keys[i].index_select(1, keep), layer.values[i].index_select(1, keep))
+                  for layer in cache.layers]  # per layer (H, T, D)
             self.entries.append((np.concatenate([x, np.asarray(response[:n - 1], dtype=x.dtype)]), kv))
         return out, C + R
 
@@ -506,7 +508,8 @@ class ModelPolicy:
         images = [image for _, image in batch]
         tok = tokenizer_of(self.processor)
         if self.prefix_cache is not None and images[0] is None:
-            texts = [self.processor.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m, _ in batch]
+            texts = [self.processor.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
+                     for m, _ in batch]
             prompts = tok(texts, add_special_tokens=False)["input_ids"]
             out, width = self.prefix_cache.generate(prompts, tok.pad_token_id, tok.eos_token_id, self.device,
                                                     **self.gen_kwargs)

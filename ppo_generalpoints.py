@@ -362,8 +362,8 @@ def turn_logprob(token_logprobs, cot_mask, answer_mask, thought_prob_coef: float
 def get_logprob_and_value(agent, batch: dict, temperature: float, thought_prob_coef: float,
                           bf16_logprob_sum: bool = False, with_entropy: bool = False):
     """log pi(a|s) and V(s) from one forward over [prompt, response]: the function that scores actions at update
-    time and, without --logprobs-from-sampling, at rollout time (details #1, #4, #6). Returns logprob (B,), value (B,), token_logprobs (B, R) fp32,
-    entropy (B,) or None."""
+    time and, without --logprobs-from-sampling, at rollout time (details #1, #4, #6). Returns logprob (B,),
+    value (B,), token_logprobs (B, R) fp32, entropy (B,) or None."""
     R = batch["response_ids"].shape[1]
     logits, value = agent(batch["input_ids"], batch["attention_mask"], batch["position_ids"], R, **batch["extra"])
     logp_all = F.log_softmax(logits.float() / temperature, dim=-1)  # (B, R, V) fp32, temperature-scaled
@@ -451,7 +451,8 @@ class PrefixCache:
             response = out.sequences[i, C + R:].tolist()
             n = response.index(eos_id) + 1 if eos_id in response else len(response)
             keep = torch.cat([torch.arange(C - c, C), torch.arange(C + R - (len(x) - c), C + R + n - 1)]).to(device)
-            kv = [(layer.keys[i].index_select(1, keep), layer.values[i].index_select(1, keep)) for layer in cache.layers]
+            kv = [(layer.keys[i].index_select(1, keep), layer.values[i].index_select(1, keep))
+                  for layer in cache.layers]  # per layer (H, T, D)
             self.entries.append((np.concatenate([x, np.asarray(response[:n - 1], dtype=x.dtype)]), kv))
         return out, C + R
 

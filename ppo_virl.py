@@ -396,8 +396,8 @@ def turn_logprob(token_logprobs, cot_mask, answer_mask, thought_prob_coef: float
 def get_logprob_and_value(agent, batch: dict, temperature: float, thought_prob_coef: float,
                           bf16_logprob_sum: bool = False, with_entropy: bool = False):
     """log pi(a|s) and V(s) from one forward over [prompt, response]: the function that scores actions at update
-    time and, without --logprobs-from-sampling, at rollout time (details #1, #4, #6). Returns logprob (B,), value (B,), token_logprobs (B, R) fp32,
-    entropy (B,) or None."""
+    time and, without --logprobs-from-sampling, at rollout time (details #1, #4, #6). Returns logprob (B,),
+    value (B,), token_logprobs (B, R) fp32, entropy (B,) or None."""
     R = batch["response_ids"].shape[1]
     logits, value = agent(batch["input_ids"], batch["attention_mask"], batch["position_ids"], R, **batch["extra"])
     logp_all = F.log_softmax(logits.float() / temperature, dim=-1)  # (B, R, V) fp32, temperature-scaled
@@ -485,7 +485,8 @@ class PrefixCache:
             response = out.sequences[i, C + R:].tolist()
             n = response.index(eos_id) + 1 if eos_id in response else len(response)
             keep = torch.cat([torch.arange(C - c, C), torch.arange(C + R - (len(x) - c), C + R + n - 1)]).to(device)
-            kv = [(layer.keys[i].index_select(1, keep), layer.values[i].index_select(1, keep)) for layer in cache.layers]
+            kv = [(layer.keys[i].index_select(1, keep), layer.values[i].index_select(1, keep))
+                  for layer in cache.layers]  # per layer (H, T, D)
             self.entries.append((np.concatenate([x, np.asarray(response[:n - 1], dtype=x.dtype)]), kv))
         return out, C + R
 
@@ -663,7 +664,7 @@ def data_sources(args: Args) -> dict:
 
 
 def make_env(args: Args, source: dict, seed: Optional[int], **overrides) -> NavigationEnv:
-    """Training envs: absolute actions, the ID rule (detail #20); rule-OOD evaluation overrides absolute_action=False."""
+    """Training envs: absolute actions, the ID rule (detail #20); rule-OOD evaluation sets absolute_action=False."""
     kwargs = dict(absolute_action=True, verify_iter=args.verify_iter, drop_rate=args.drop_rate,
                   straight_line_length=args.straight_line_length, language_only=args.task == "virl-l",
                   resolution=args.resolution, crop_size=args.crop_size, seed=seed, **source)
@@ -696,7 +697,7 @@ def eval_splits(args: Args) -> dict:
 
 def evaluate(agent, processor, args: Args, gen_config, device, rank: int, world_size: int, synced_gpus: bool) -> dict:
     """Full multi-turn episodes (2 verified attempts per point) on fixed route lists (detail #22): episode i is route
-    i of the split (wrapping), reset with seed eval_seed + i. Per-step accuracy = correct calls / all calls (verification
+    i of the split (wrapping), reset with seed eval_seed + i. Per-step accuracy = correct calls / all calls (verif.
     retries and the forced -1 calls count as steps, as the paper); success = routes ended by a correct stop().
     Episodes are split across ranks; the metrics are global."""
     metrics = {}
