@@ -129,7 +129,6 @@ def parse_formula(text: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 _TOKEN_RE = re.compile(r"\d+|[+\-*/()]")
 MAX_NESTING = 200  # Python's parser limit: eval() of a formula nested deeper is a SyntaxError (docs/verifier.md)
-_KIND_OF_OPERATOR = str.maketrans("+-*/", "oooo")
 MAX_NUMBER_DIGITS = 4300  # Python's int-string limit: int() of a longer digit string raises (the official crash)
 
 
@@ -137,15 +136,16 @@ def evaluate(tokens: list[str], exact: bool = True):
     """Evaluate a token list of non-negative integers, + - * / and parentheses with the usual precedence.
 
     exact=True: Fractions. exact=False: Python int/float semantics, i.e. what the official `eval(formula)` computes.
-    Raises ValueError wherever eval raises SyntaxError (malformed input; like eval, '08', non-ASCII digits such as
-    '３' and nesting deeper than MAX_NESTING are errors, never numbers) and ZeroDivisionError. Linear time."""
+    Raises ValueError wherever eval raises SyntaxError (malformed input; like eval, '08' (not '00'), non-ASCII digits
+    such as '３' and nesting deeper than MAX_NESTING are errors, never numbers) and ZeroDivisionError. Linear time."""
     prev, depth = None, 0
     for tok in tokens:
         kind = ("number" if tok.isdigit() else "operator" if tok in ("+", "-", "*", "/")
                 else {"(": "open", ")": "close"}.get(tok))
         if not kind or (prev in ("number", "close")) != (kind in ("operator", "close")):
             raise ValueError(f"unexpected token {tok[:20]!r}")
-        if kind == "number" and ((len(tok) > 1 and tok[0] == "0") or not tok.isascii() or len(tok) > MAX_NUMBER_DIGITS):
+        leading_zero = tok[0] == "0" and tok.strip("0") != ""  # '08' is a syntax error, '00' is 0
+        if kind == "number" and (leading_zero or not tok.isascii() or len(tok) > MAX_NUMBER_DIGITS):
             raise ValueError(f"malformed number: {tok[:20]!r}")
         depth += (kind == "open") - (kind == "close")
         if not 0 <= depth <= MAX_NESTING:
@@ -251,7 +251,7 @@ def verify_gp(formula: str, card_values: list[int], solutions, target: int, reco
         add("ILLEGAL_FORMULA", "illegal characters")
         return result()
     prev, open_parens = "^", 0  # token kinds: n(umber), o(perator), ( and ); ^ = the start
-    for kind in re.sub(r"\d+", "n", formula).translate(_KIND_OF_OPERATOR):
+    for kind in re.sub(r"\d+", "n", formula).translate(str.maketrans("+-*/", "oooo")):
         after_value = prev in "n)"
         if kind == "n" and after_value:
             add("ILLEGAL_FORMULA", "invalid sequence after number")

@@ -173,8 +173,49 @@ class Args:
 
 
 def fail(msg: str):
-    """Stop before training with one clear message (no traceback; detail #16)."""
+    """Stop with one clear message (no traceback; detail #16)."""
     raise SystemExit(f"sft.py: error: {msg}")
+
+
+def check_args(args: Args):
+    """Every argument check, before anything is loaded or written (detail #16)."""
+    if args.data == "json" and not args.data_file:
+        fail("--data json needs --data-file")
+    if args.data != "json" and (args.data_file or args.image_folder):
+        fail(f"--data-file and --image-folder are only read with --data json (got --data {args.data})")
+    for names, ok, rule in [(("lr", "vision_lr", "max_grad_norm", "adam_eps"), lambda v: v > 0, "> 0"),
+                            (("eval_batch_size", "max_length", "log_every"), lambda v: v >= 1, ">= 1"),
+                            (("total_steps", "micro_batch_size", "gradient_accumulation_steps", "warmup_steps",
+                              "save_every", "eval_every", "max_new_tokens", "revision_max_errors", "weight_decay"),
+                             lambda v: v >= 0, ">= 0"),
+                            (("min_lr_ratio",), lambda v: 0 <= v <= 1, "in [0, 1]"),
+                            (("adam_betas",), lambda v: all(0 <= b < 1 for b in v), "in [0, 1)")]:
+        for name in names:
+            value = getattr(args, name)
+            if value is not None and not ok(value):
+                fail(f"--{name.replace('_', '-')} must be {rule}, got {value}")
+    if args.eval_every > 0 and args.eval_episodes < 1:
+        fail(f"--eval-episodes must be >= 1 when evaluating (--eval-every {args.eval_every}), got {args.eval_episodes}")
+    if args.resume and os.path.basename(os.path.normpath(args.resume)).endswith((".tmp", ".old")):
+        fail(f"--resume {args.resume}: a *.tmp or *.old directory belongs to an interrupted save, never a complete "
+             "checkpoint; resume from the run directory or a complete checkpoint")
+
+
+def check_finite(name: str, value, step: int):
+    """A non-finite loss or gradient norm stops the run before the optimizer step and before any checkpoint."""
+    if not math.isfinite(float(value)):
+        fail(f"non-finite {name} ({float(value)}) at step {step}; stopping without writing a checkpoint (lower --lr, "
+             "check --max-grad-norm and the data)")
+
+
+def weights_finite(model) -> bool:
+    """Every weight is finite (on every rank: FSDP checks its own shards, then all ranks agree)."""
+    ok = all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in model.parameters())
+    if torch.distributed.is_initialized():
+        flag = torch.tensor(float(ok), device=next(model.parameters()).device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        ok = bool(flag)
+    return ok
 
 
 # ---- Environments and data ----
@@ -211,8 +252,9 @@ def read_llava_json(path: str, vl_task: bool, image_folder: Optional[str] = None
     if not os.path.isfile(path):
         fail(f"--data-file {path!r} does not exist")
     try:
-        items = json.load(open(path))
-    except json.JSONDecodeError as e:
+        with open(path, encoding="utf-8") as f:
+            items = json.load(f)
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         fail(f"{path} is not valid JSON: {e}")
     if not isinstance(items, list) or not items:
         fail(f"{path} must hold a non-empty JSON list of samples")
@@ -220,8 +262,10 @@ def read_llava_json(path: str, vl_task: bool, image_folder: Optional[str] = None
     examples = []
     for i, item in enumerate(items):
         turns = item.get("conversations") if isinstance(item, dict) else None
-        if not turns:
-            fail(f"{path} sample {i}: no `conversations`")
+        if not turns or not isinstance(turns, list):
+            fail(f"{path} sample {i}: no `conversations` list")
+        if not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
+            fail(f"{path} sample {i}: every turn must be an object with a string `value`")
         roles = [t.get("from") for t in turns]
         if "gpt" not in roles:
             fail(f"{path} sample {i}: no `gpt` turn to train on")
@@ -231,6 +275,8 @@ def read_llava_json(path: str, vl_task: bool, image_folder: Optional[str] = None
         image = image[0] if isinstance(image, list) and len(image) == 1 else image
         if isinstance(image, list):
             fail(f"{path} sample {i}: only one image per conversation is supported")
+        if image is not None and not isinstance(image, str):
+            fail(f"{path} sample {i}: `image` must be a path, got {image!r:.60}")
         if (image or any("<image>" in t["value"] for t in turns)) and not vl_task:
             fail(f"{path} sample {i} has an image but the task is language-only")
         if vl_task and not image:
@@ -387,26 +433,59 @@ def evaluate(model, processor, task: str, variants: list, episode_seeds: list, b
     return metrics
 
 
+def recover_checkpoints(path: str):
+    """Finish a save that was interrupted between its renames (detail #13): NAME.old without NAME is renamed back,
+    NAME.old beside a complete NAME is deleted. `path` is a run directory or a checkpoint directory in one."""
+    path = os.path.normpath(path)
+    interrupted = not os.path.isdir(path) and os.path.isdir(path + ".old")  # e.g. --resume RUN/final, only final.old
+    run_dir = os.path.dirname(path) if interrupted or os.path.isfile(os.path.join(path, "trainer_state.json")) else path
+    for name in os.listdir(run_dir) if os.path.isdir(run_dir) else []:
+        old, new = os.path.join(run_dir, name), os.path.join(run_dir, name[: -len(".old")])
+        if not (name.endswith(".old") and os.path.isdir(old)):
+            continue
+        if os.path.isdir(new):  # the new copy was in place: only the deletion of the old one was missing
+            shutil.rmtree(old)
+        else:
+            os.replace(old, new)
+
+
 def latest_checkpoint(path: str) -> str:
     """A checkpoint dir itself, or a run dir's highest step_k/ (or final/) holding trainer_state.json."""
-    children = [os.path.join(path, d) for d in os.listdir(path) if ".tmp" not in d] if os.path.isdir(path) else []
+    children = [os.path.join(path, d) for d in os.listdir(path) if not d.endswith((".tmp", ".old"))] \
+        if os.path.isdir(path) else []
     candidates = [d for d in [path] + children if os.path.isfile(os.path.join(d, "trainer_state.json"))]
     if not candidates:
         fail(f"--resume {path!r}: no checkpoint with trainer_state.json found")
-    return max(candidates, key=lambda d: json.load(open(os.path.join(d, "trainer_state.json")))["step"])
+    try:
+        return max(candidates, key=lambda d: json.load(open(os.path.join(d, "trainer_state.json")))["step"])
+    except (ValueError, KeyError, TypeError) as e:
+        fail(f"--resume {path!r}: a trainer_state.json there is unreadable ({type(e).__name__}: {e})")
+
+
+def truncate_metrics(metrics_path: str, step: int):
+    """Resuming at `step`: drop the rows the interrupted run logged after it (and a line cut by the crash), so that
+    metrics.jsonl continues without duplicate rows (detail #13). Rewritten atomically."""
+    if not os.path.isfile(metrics_path):
+        return
+    keep = []
+    for line in open(metrics_path):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            keep.append(line.rstrip("\n") + "\n")
+    with open(metrics_path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(metrics_path + ".tmp", metrics_path)
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    check_args(args)
     vl_task = args.task.endswith("-vl")
     if args.max_new_tokens == 0:  # x3 for the character-level tokenizer of `tiny`
         args.max_new_tokens = (80 if args.task.startswith("gp") else 200) * (3 if args.model_path == "tiny" else 1)
-    if args.data == "json" and not args.data_file:
-        fail("--data json needs --data-file")
-    for name in ("lr", "vision_lr", "total_steps", "micro_batch_size", "gradient_accumulation_steps"):
-        value, positive = getattr(args, name), name in ("lr", "vision_lr")
-        if value is not None and (value <= 0 if positive else value < 0):
-            fail(f"--{name.replace('_', '-')} must be {'> 0' if positive else '>= 0'}, got {value}")
     default_micro, default_accum = (4, 2) if args.task.startswith("virl") else (8, 1)  # detail #9
     default_accum = default_accum if args.micro_batch_size == 0 else 1  # an explicit micro batch: no accumulation
     args.micro_batch_size = args.micro_batch_size or default_micro
@@ -423,15 +502,36 @@ if __name__ == "__main__":
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     batch_size = args.micro_batch_size * args.gradient_accumulation_steps * world_size  # examples per step
 
-    # resume: continue the run directory of the checkpoint (detail #13)
+    # run identity (detail #13): --resume continues the run directory of its checkpoint; a new run never writes into
+    # an existing directory (an explicit --run-name that exists stops, a default name gets a free suffix)
+    if args.resume and rank == 0:
+        recover_checkpoints(args.resume)
+    if distributed:
+        torch.distributed.barrier()
     resume_dir = latest_checkpoint(args.resume) if args.resume else None
-    run_name = (os.path.basename(os.path.dirname(os.path.abspath(resume_dir))) if resume_dir else
-                args.run_name or f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")
-    if distributed and not resume_dir and not args.run_name:  # every rank must write to the same run directory
-        name = [run_name]
-        torch.distributed.broadcast_object_list(name, src=0)
-        run_name = name[0]
-    run_dir = os.path.dirname(os.path.abspath(resume_dir)) if resume_dir else os.path.join(args.output_dir, run_name)
+    if resume_dir:
+        run_dir = os.path.dirname(os.path.abspath(resume_dir))
+        run_name = os.path.basename(run_dir)
+        if args.run_name and args.run_name != run_name:
+            fail(f"--resume continues the run {run_name!r} in {run_dir}; leave out --run-name {args.run_name!r}")
+    elif args.run_name:
+        run_name, run_dir = args.run_name, os.path.join(args.output_dir, args.run_name)
+        if os.path.exists(run_dir):
+            fail(f"the run directory {run_dir} already exists: continue it with --resume {run_dir}, or choose another "
+                 "--run-name")
+    else:
+        base = run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        for k in range(2, 10_000):
+            if not os.path.exists(os.path.join(args.output_dir, run_name)):
+                break
+            run_name = f"{base}__{k}"
+        if distributed:  # every rank must write to the same run directory
+            name = [run_name]
+            torch.distributed.broadcast_object_list(name, src=0)
+            run_name = name[0]
+        run_dir = os.path.join(args.output_dir, run_name)
+    if distributed:  # every rank has checked the directory before rank 0 creates it
+        torch.distributed.barrier()
 
     # TRY NOT TO MODIFY: seeding (model init identical on all ranks; data different per rank)
     random.seed(args.seed + rank)
@@ -443,10 +543,12 @@ if __name__ == "__main__":
     model_path = resume_dir or {"default": "smolvlm" if vl_task else "smollm2"}.get(args.model_path, args.model_path)
     try:
         model, processor = load_model(model_path, vl_task, dtype=getattr(torch, args.dtype))
-    except (ValueError, OSError) as e:
-        fail(f"cannot load --model-path {model_path!r}: {e}")
+    except Exception as e:  # noqa: BLE001  (a truncated model.safetensors raises safetensors' own error type)
+        fail(f"cannot load --model-path {model_path!r}: {type(e).__name__}: {str(e)[:300]}")
     pad_id = model.generation_config.pad_token_id  # the tokenizer's pad, else its eos (load_model)
     model.to(device).train()
+    if not weights_finite(model):
+        fail(f"{model_path}: the checkpoint's weights are not finite (NaN or inf); refusing to train or evaluate it")
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     num_params = sum(p.numel() for p in model.parameters())
@@ -457,13 +559,20 @@ if __name__ == "__main__":
     if resume_dir and "tokens_trained" not in state:
         fail(f"--resume {resume_dir}: its trainer_state.json predates the checkpoint schema (no tokens_trained)")
     start_step, tokens_trained = (state["step"], state["tokens_trained"]) if resume_dir else (0, 0)
+    if resume_dir and args.total_steps <= start_step:
+        fail(f"--resume {resume_dir} is at step {start_step} already: pass a larger --total-steps to continue it")
 
     if rank == 0:
         if args.track:
             import wandb
             wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                        config=vars(args), name=run_name, save_code=True)
-        os.makedirs(run_dir, exist_ok=True)
+        try:
+            os.makedirs(run_dir, exist_ok=bool(resume_dir))
+        except FileExistsError:  # another run took the name after the check above
+            fail(f"the run directory {run_dir} already exists (another run started with the same name)")
+        if resume_dir:
+            truncate_metrics(os.path.join(run_dir, "metrics.jsonl"), start_step)
         writer = SummaryWriter(run_dir)
         table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
         writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
@@ -499,10 +608,15 @@ if __name__ == "__main__":
     lr_scales = [1.0, vision_lr / args.lr]  # zip() with the groups drops the second one for a text-only model
     optimizer = torch.optim.AdamW(groups, betas=args.adam_betas, eps=args.adam_eps, weight_decay=args.weight_decay)
     if resume_dir and os.path.isfile(os.path.join(resume_dir, "optimizer.pt")) and not synced_gpus:
-        optimizer.load_state_dict(torch.load(os.path.join(resume_dir, "optimizer.pt"), weights_only=False))
+        try:
+            optimizer.load_state_dict(torch.load(os.path.join(resume_dir, "optimizer.pt"), weights_only=False))
+        except Exception as e:  # noqa: BLE001  (truncated or foreign file)
+            fail(f"--resume {resume_dir}: optimizer.pt cannot be loaded ({type(e).__name__}: {str(e)[:200]})")
 
     def save(step: int, name: str):
         """All ranks gather the full state dict (FSDP); rank 0 writes the checkpoint atomically (detail #13)."""
+        if not weights_finite(model):
+            fail(f"the weights are not finite at step {step}; stopping without writing {name}/ (lower --lr)")
         state_dict = None
         if synced_gpus:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -519,8 +633,11 @@ if __name__ == "__main__":
                 json.dump(trainer_state, f, indent=2)
             if args.save_optimizer and not synced_gpus:
                 torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-            shutil.rmtree(path, ignore_errors=True)
-            os.replace(tmp, path)
+            if os.path.isdir(path):  # a re-save: the old copy moves aside until the new one is in place
+                shutil.rmtree(path + ".old", ignore_errors=True)
+                os.replace(path, path + ".old")
+            os.replace(tmp, path)  # from here on NAME is the new copy; at every moment one is complete
+            shutil.rmtree(path + ".old", ignore_errors=True)
             print(f"saved {path}", flush=True)
         if distributed:
             torch.distributed.barrier()
@@ -574,14 +691,16 @@ if __name__ == "__main__":
             loss_sum += nll_sum.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        step_tokens = torch.tensor([sum(int(mb["attention_mask"].sum()) for mb in micro_batches),
+                                    num_response_tokens, loss_sum], dtype=torch.float64)  # summed over ranks
+        if distributed:
+            torch.distributed.all_reduce(step_tokens)
+        check_finite("loss", step_tokens[2], step + 1)  # the same decision on every rank (detail #16)
+        check_finite("grad_norm", grad_norm, step + 1)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        # TRY NOT TO MODIFY: record metrics (summed over ranks)
-        step_tokens = torch.tensor([sum(int(mb["attention_mask"].sum()) for mb in micro_batches),
-                                    num_response_tokens, loss_sum], dtype=torch.float64)
-        if distributed:
-            torch.distributed.all_reduce(step_tokens)
+        # TRY NOT TO MODIFY: record metrics
         tokens_trained += int(step_tokens[0])
         step_tokens_total += int(step_tokens[0])
         train_time += time.time() - t_step  # data + forward/backward + optimizer, without evaluation and saving

@@ -102,7 +102,8 @@ def rollout(agent, processor, args, envs, scheme: str) -> tuple:
             batch = []
             for p, r in zip(prompts, responses):
                 cot, answer = ppo.action_masks(tok, r["response_ids"], ppo.ANSWER_KEY, 2)
-                batch.append(dict(p, response_ids=r["response_ids"], cot_mask=cot, answer_mask=answer))
+                batch.append(dict(p, response_ids=r["response_ids"], cot_mask=cot, answer_mask=answer,
+                                  sampled=(r.get("token_logprobs"), r.get("value"))))
             if scheme != "kv+lp":
                 ppo.score(agent, batch, tok.pad_token_id, "cpu", len(batch), **lp)
             for i, s in zip(group, batch):
@@ -136,9 +137,27 @@ if __name__ == "__main__":
             print(f"ROLLOUT ratio {a} / {b}: {rates[a][0] / rates[b][0]:.2f}x wall, {rates[a][1] / rates[b][1]:.2f}x "
                   f"CPU time (time per update: {rates[b][0] / rates[a][0]:.0%} of {b})", flush=True)
 
-    # update throughput on the same micro-batches
     tok = ppo.tokenizer_of(processor)
-    samples = samples[:bench.update_samples]
+    if "kv+lp" in rates:  # how close the sampling-pass log-probs and values are to the scoring forward (detail #26)
+        got = rollout(agent, processor, args, [ppo.make_env(args, None) for _ in range(8)], "kv+lp")[3]
+        worst_token, worst_seq, worst_value = 0.0, 0.0, 0.0
+        for s in got:
+            b = ppo.collate([s], tok.pad_token_id, "cpu")
+            with torch.no_grad():
+                logprob, value, token_lp, _ = ppo.get_logprob_and_value(agent, b, args.temperature,
+                                                                        args.thought_prob_coef)
+            sampled_lp, sampled_value = s["sampled"]
+            seq = ppo.turn_logprob(sampled_lp, torch.tensor(s["cot_mask"]), torch.tensor(s["answer_mask"]),
+                                   args.thought_prob_coef)
+            worst_token = max(worst_token, (sampled_lp - token_lp[0]).abs().max().item())
+            worst_seq = max(worst_seq, (seq - logprob[0]).abs().item())
+            worst_value = max(worst_value, (sampled_value - value[0]).abs().item())
+        print(f"LOGPROBS from sampling vs scoring forward over {len(got)} samples: max |diff| per token "
+              f"{worst_token:.2e}, per action log pi {worst_seq:.2e} (ratio exp(diff) - 1 <= "
+              f"{torch.tensor(worst_seq).exp().item() - 1:.1e}), value {worst_value:.2e}", flush=True)
+
+    # update throughput on the same micro-batches
+    samples = [{k: v for k, v in s.items() if k != "sampled"} for s in samples[:bench.update_samples]]
     batches = [ppo.collate(samples[i:i + bench.micro_batch_size], tok.pad_token_id, "cpu")
                for i in range(0, len(samples), bench.micro_batch_size)]
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)

@@ -1,8 +1,11 @@
 """GeneralPoints: solver, sampling, parser, verifier, episode dynamics, renderer, split, oracle, demo."""
 import itertools
 import random
+import re
 import subprocess
 import sys
+import time
+import warnings
 from fractions import Fraction
 
 import numpy as np
@@ -255,6 +258,80 @@ def test_outcome_names():
     """The trainers' rollout/outcome/* metrics take these names from envs: every REWARD_FN key, the sums, the limit."""
     assert envs.GP_OUTCOMES == (*REWARD_FN, "AGGREGATED_ERROR", "STEP_LIMIT")
     assert envs.outcome_of(-4) == "AGGREGATED_ERROR" and envs.outcome_of(-1.5) == "INCORRECT_VISION"
+
+
+# ---------------------------------------------------------------- always an answer (issue 15, docs/verifier.md)
+def test_evaluate_agrees_with_python_eval_and_never_recurses():
+    """Differential test against eval() on self-generated strings of a closed alphabet (never on model text)."""
+    rng = random.Random(0)
+    alphabet = ["1", "2", "3", "12", "0", "08", "+", "-", "*", "/", "(", ")"]
+    formulas = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12))) for _ in range(4000)]
+    formulas += ["(" * d + "1+2" + ")" * e for d in (199, 200, 201) for e in (d - 1, d)]
+    formulas += ["(" * 150 + "1+" + "(" * 50 + "2" + ")" * 200, "(" * 150 + "1+" + "(" * 51 + "2" + ")" * 201]
+    compared = 0
+    for f in formulas:
+        if re.search(r"(^|[-+*/(])[-+*/]", f):
+            continue  # unary signs, ** and //: the verifier's sequence check rejects them before evaluate()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", SyntaxWarning)  # "'int' object is not callable"
+                expected = eval(f)  # noqa: S307  (closed alphabet, generated here)
+            expected = expected if isinstance(expected, (int, float)) else SyntaxError
+        except (SyntaxError, TypeError):  # TypeError: "2(1)" calls an int, "1*()" multiplies a tuple
+            expected = SyntaxError
+        except ZeroDivisionError:
+            expected = ZeroDivisionError
+        try:
+            got = envs.evaluate(envs._TOKEN_RE.findall(f), exact=False)
+        except ValueError:
+            got = SyntaxError
+        except ZeroDivisionError:
+            got = ZeroDivisionError
+        assert got == expected, f
+        compared += 1
+    assert compared > 1000
+    deep = "(" * 100_000 + "1+2" + ")" * 100_000  # no RecursionError, ever
+    with pytest.raises(ValueError, match="nested"):
+        envs.evaluate(envs._TOKEN_RE.findall(deep))
+
+
+def test_nesting_cap_is_pythons_and_keeps_the_official_outcome():
+    env = GeneralPointsEnv()
+    s = env.reset(seed=0)[1]["solutions"][0]
+    for depth, reward in ((200, 5), (201, -1), (330, -1), (100_000, -1)):  # eval() fails from 201 levels on
+        env.reset(seed=0)
+        assert env.step('{"formula": "' + "(" * depth + s + ")" * depth + '"}')[1] == reward, depth
+
+
+def test_numbers_past_the_int_string_limit_are_invalid_numbers():
+    values, sols = [1, 2, 3, 4], envs.solve((1, 2, 3, 4))
+    assert verify_gp("1" * 4300 + "*1*2*3*4", values, sols, 24)[0] == -2  # int() still works: the official outcome
+    assert verify_gp("7" * 5000 + "*1*2*3*4", values, sols, 24) == (-2, "you used invalid numbers: "
+                                                                        "['<5000-digit number>'].")
+    assert verify_gp("0" * 5000 + "1*2*3*4", values, sols, 24) == (-4, "you used invalid numbers: "
+                                                                       "['<5001-digit number>'], you didn't use "
+                                                                       "numbers: [1].")
+
+
+def test_card_field_matches_the_official_regex_in_linear_time():
+    def official(text, key):  # utils_general.re_match after a failed json.loads, with the backtracking regex
+        m = re.search(envs.RE_PATTERN_DICT[key], text)
+        if m is None:
+            return "None"
+        try:
+            return [int(x) for x in m.group(1).split(", ")] if key == "cards" else m.group(1)
+        except ValueError:
+            return "[" + m.group(1) + "]"
+
+    rng = random.Random(1)
+    pieces = ['"cards": [', '"cards": [', "]", "'A'", ", ", "1", "x", "\n", '"number": [']
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 10)))
+        for key in ("cards", "number"):
+            assert envs.re_match(text, key) == official(text, key), text
+    start = time.process_time()
+    assert envs.re_match('"cards": [' * 100_000, "cards") == "None"  # the official regex: minutes
+    assert time.process_time() - start < 1
 
 
 # ---------------------------------------------------------------- split

@@ -1,6 +1,7 @@
 """Tests for sft.py: tiny random models, offline, CPU. Scripts run in a subprocess like CleanRL's tests."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -114,22 +115,84 @@ def test_released_json_reader(tmp_path):
         sft.read_llava_json(str(path), vl_task=False)
 
 
-@pytest.mark.parametrize("args,message", [
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    """Files the bad-input table points at: a text-only and an all-NaN checkpoint, broken data files, a finished run."""
+    d = tmp_path_factory.mktemp("bad_inputs")
+    model, tok = sft.load_model("tiny", vl_task=False)
+    model.save_pretrained(d / "text_ckpt")
+    tok.save_pretrained(d / "text_ckpt")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    model.save_pretrained(d / "nan_ckpt")
+    tok.save_pretrained(d / "nan_ckpt")
+    shutil.copytree(d / "text_ckpt", d / "truncated_ckpt")
+    weights = d / "truncated_ckpt" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    (d / "malformed.json").write_text('[{"conversations": [')
+    (d / "binary.json").write_bytes(b"\xff\xfe\x00garbage")
+    (d / "turns.json").write_text(json.dumps([{"conversations": ["human: hi", "gpt: A"]}]))
+    run(["--task", "gp-l", *TINY, "--total-steps", "1", "--eval-every", "0", "--output-dir", str(d / "runs"),
+         "--run-name", "done"], cwd=d)
+    os.makedirs(d / "runs" / "done" / "step_1.tmp")
+    return d
+
+
+BAD_INPUTS = [  # (arguments, the one line's message); every case: exit != 0, no traceback, no run directory
     (["--task", "gp-x"], "gp-x"),
-    (["--task", "gp-l", "--data", "json", "--data-file", "missing.json"], "does not exist"),
-    (["--task", "gp-vl", "--model-path", "TEXT_CKPT"], "cannot take images"),
-    (["--task", "gp-l", "--lr", "0"], "--lr must be > 0"),
+    (["--data", "json"], "--data json needs --data-file"),
+    (["--data", "json", "--data-file", "missing.json"], "does not exist"),
+    (["--data", "json", "--data-file", "D/malformed.json"], "is not valid JSON"),
+    (["--data", "json", "--data-file", "D/binary.json"], "is not valid JSON"),
+    (["--data", "json", "--data-file", "D/turns.json"], "every turn must be an object"),
+    (["--data-file", "D/turns.json"], "only read with --data json"),
+    (["--lr", "0"], "--lr must be > 0"),
     (["--task", "gp-vl", "--vision-lr", "-1e-3"], "--vision-lr must be > 0"),
-])
-def test_bad_input_stops_before_training(args, message, tmp_path):
-    if "TEXT_CKPT" in args:
-        model, tok = sft.load_model("tiny", vl_task=False)
-        model.save_pretrained(tmp_path / "text_ckpt")
-        tok.save_pretrained(tmp_path / "text_ckpt")
-        args = [str(tmp_path / "text_ckpt") if a == "TEXT_CKPT" else a for a in args]
-    p = run(args + ["--output-dir", str(tmp_path / "runs"), "--run-name", "bad"], cwd=tmp_path, check=False)
-    assert p.returncode != 0 and message in p.stderr and "Traceback" not in p.stderr
-    assert not (tmp_path / "runs" / "bad" / "final").exists()
+    (["--total-steps", "-1"], "--total-steps must be >= 0"),
+    (["--micro-batch-size", "-2"], "--micro-batch-size must be >= 0"),
+    (["--warmup-steps", "-3"], "--warmup-steps must be >= 0"),
+    (["--save-every", "-1"], "--save-every must be >= 0"),
+    (["--log-every", "0"], "--log-every must be >= 1"),
+    (["--eval-every", "1", "--eval-episodes", "0"], "--eval-episodes must be >= 1"),
+    (["--adam-betas", "0.9", "1.0"], "--adam-betas must be in [0, 1)"),
+    (["--task", "gp-vl", "--model-path", "D/text_ckpt"], "cannot take images"),
+    (["--model-path", "D/nan_ckpt"], "weights are not finite"),
+    (["--model-path", "D/missing_ckpt"], "cannot load --model-path"),
+    (["--model-path", "D/truncated_ckpt"], "cannot load --model-path"),
+    (["--resume", "D/runs/done/step_1.tmp"], "interrupted save"),
+    (["--resume", "D/missing_run"], "no checkpoint with trainer_state.json"),
+    (["--resume", "D/runs/done", "--total-steps", "1"], "at step 1 already"),
+    (["--resume", "D/runs/done", "--total-steps", "2", "--run-name", "other"], "leave out --run-name"),
+    (["--run-name", "done", "--output-dir", "D/runs"], "already exists"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[" ".join(a)[:60] for a, _ in BAD_INPUTS])
+def test_bad_input_stops_before_anything_is_written(args, message, bad_inputs, tmp_path):
+    args = [a.replace("D/", str(bad_inputs) + "/") for a in args]
+    before = sorted(os.listdir(bad_inputs / "runs" / "done"))
+    defaults = ["--output-dir", str(tmp_path / "runs")] + ([] if "--run-name" in args or "--resume" in args
+                                                            else ["--run-name", "bad"])
+    p = run(["--model-path", "tiny", "--total-steps", "1", "--eval-every", "0", *defaults, *args], cwd=tmp_path,
+            check=False)
+    assert p.returncode != 0 and message in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+    if "gp-x" not in args:
+        assert p.stderr.strip().splitlines()[-1].startswith("sft.py: error: ") and message in p.stderr.splitlines()[-1]
+    assert not (tmp_path / "runs").exists()  # no run directory
+    assert sorted(os.listdir(bad_inputs / "runs" / "done")) == before  # the finished run is untouched
+
+
+def test_divergence_stops_without_a_checkpoint(tmp_path):
+    """--lr 1e9: the loss or the gradient norm becomes non-finite; one line, exit != 0, no NaN checkpoint."""
+    p = run(["--task", "gp-l", *TINY, "--lr", "1e9", "--total-steps", "4", "--save-every", "1", "--eval-every", "0",
+             "--output-dir", str(tmp_path), "--run-name", "r"], cwd=tmp_path, check=False)
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode != 0 and "Traceback" not in p.stderr and last.startswith("sft.py: error: non-finite"), last
+    from safetensors.torch import load_file
+    for ckpt in (tmp_path / "r").glob("step_*"):  # what was saved before the divergence is finite
+        assert all(torch.isfinite(t).all() for t in load_file(ckpt / "model.safetensors").values())
+    assert not (tmp_path / "r" / "final").exists()
 
 
 def test_vision_parameters_are_the_vision_tower_and_connector():
@@ -188,15 +251,16 @@ def test_resume_continues_from_saved_step(tmp_path):
     common = ["--task", "gp-l", *TINY, "--eval-every", "0", "--output-dir", str(tmp_path), "--run-name", "r"]
     run(common + ["--total-steps", "2", "--save-every", "1"], cwd=tmp_path)
     os.rename(tmp_path / "r" / "final", tmp_path / "final_2")  # resume from step_1, not the final checkpoint
+    first = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl")]
     p = run(["--task", "gp-l", *TINY, "--eval-every", "0", "--resume", str(tmp_path / "r"), "--total-steps", "3"],
             cwd=tmp_path)
     assert "step 1/3" not in p.stdout and "step 2/3" in p.stdout and "step 3/3" in p.stdout
     assert json.load(open(tmp_path / "r" / "final" / "trainer_state.json"))["step"] == 3
     steps = [json.loads(line)["step"] for line in open(tmp_path / "r" / "metrics.jsonl")]
-    assert steps == [1, 2, 2, 3]  # the first run's steps 1-2, then the resumed steps 2-3 (same run directory)
+    assert steps == [1, 2, 3]  # step 1 of the first run, then the resumed steps 2-3: the first run's row 2 is gone
     # the resumed step 2 sees the same data and the same weights/optimizer as the original step 2
     losses = [json.loads(line)["losses/loss"] for line in open(tmp_path / "r" / "metrics.jsonl")]
-    assert losses[1] == pytest.approx(losses[2], rel=1e-4)
+    assert losses[1] == pytest.approx(first[1]["losses/loss"], rel=1e-4)
     # the checkpoint schema, and D_init of a run started from this checkpoint = its tokens_trained + d_init_tokens
     state = json.load(open(tmp_path / "r" / "final" / "trainer_state.json"))
     last = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl")][-1]
@@ -217,3 +281,43 @@ def test_torchrun_two_gloo_processes(strategy, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "r" / "final")
     assert json.load(open(tmp_path / "r" / "final" / "trainer_state.json"))["step"] == 2
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_interrupted_resave_is_recovered(tmp_path):
+    """A kill between the renames of a re-save (NAME -> NAME.old, NAME.tmp -> NAME) never loses the checkpoint."""
+    def make(name, step):
+        os.makedirs(tmp_path / "r" / name)
+        (tmp_path / "r" / name / "trainer_state.json").write_text(json.dumps({"step": step}))
+
+    make("final.old", 4)  # killed after the old copy moved aside, before the new one came in
+    make("final.tmp", 6)
+    make("step_2.old", 2)  # killed after the new copy came in, before the old one was deleted
+    make("step_2", 2)
+    sft.recover_checkpoints(str(tmp_path / "r" / "final"))  # --resume RUN/final finds final again
+    assert sorted(os.listdir(tmp_path / "r")) == ["final", "final.tmp", "step_2"]
+    assert sft.latest_checkpoint(str(tmp_path / "r")) == str(tmp_path / "r" / "final")  # never a .tmp or .old
+
+
+def test_killed_run_resumes_exactly_without_duplicate_rows(tmp_path):
+    """kill -9 after a checkpoint, then --resume: metrics.jsonl equals an uninterrupted run's, row for row."""
+    common = ["--task", "gp-l", *TINY, "--total-steps", "4", "--save-every", "2", "--eval-every", "2",
+              "--output-dir", str(tmp_path)]
+    run(common + ["--run-name", "whole"], cwd=tmp_path)
+    cmd = [sys.executable, os.path.join(ROOT, "sft.py"), *common, "--run-name", "killed"]
+    with subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                          text=True) as p:
+        for line in p.stdout:
+            if line.startswith("saved") and line.rstrip().endswith("step_2"):
+                p.kill()
+                break
+    assert not (tmp_path / "killed" / "final").exists()
+    run(["--task", "gp-l", *TINY, "--total-steps", "4", "--save-every", "2", "--eval-every", "2",
+         "--resume", str(tmp_path / "killed")], cwd=tmp_path)
+    rows = {name: [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+            for name in ("whole", "killed")}
+    assert [r["step"] for r in rows["killed"]] == [r["step"] for r in rows["whole"]]
+    for a, b in zip(rows["whole"], rows["killed"]):
+        assert a.keys() == b.keys()
+        for k in a:
+            if k not in ("charts/tokens_per_s", "charts/steps_per_s"):  # timings
+                assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), (a["step"], k)
