@@ -1,6 +1,6 @@
 """The paper's evaluation protocol (protocol.md §3, §6) on one or more checkpoints, plus the statistics it lacks.
-Leaves out training, model building (make_models.py) and KV-cache reuse across turns: one plain generate() per turn.
-Details, the departures from the official evaluator and measured numbers: docs/eval.md (`# detail #N` = its list).
+Leaves out training and model building (make_models.py); one batched generate() per turn reusing each episode's KV
+cache. Details, departures from the official evaluator, measured numbers: docs/eval.md (`# detail #N` = its list).
 
     python eval.py --model-path runs/sft_gp-l/final --task gp-l             # GP-L: 234 episodes x ID / rule-OOD
     python eval.py --model-path smollm2 --model-path runs/ppo/final --task gp-l   # two columns + paired test
@@ -54,7 +54,10 @@ class Args:
     init_path: Optional[str] = None
     """with --run-dir: the shared initial checkpoint, evaluated once and drawn at FLOPs = 0 on every curve"""
     output_dir: Optional[str] = None
-    """where the table, JSON/CSV, JSONL and PNGs go (default runs/<exp-name>__<task>__<time>)"""
+    """where the table, JSON/CSV, JSONL and PNGs go (default runs/<exp-name>__<task>__<time>, with a free __k suffix
+    if it exists); an existing non-empty directory is refused unless --overwrite"""
+    overwrite: bool = False
+    """write into an existing non-empty --output-dir (its table, results and episodes files are replaced)"""
     replay: Optional[str] = None
     """re-score the episodes of an episodes.jsonl in fresh environments (no model), then exit"""
 
@@ -280,7 +283,15 @@ def run_episodes(setting: Setting, policy: Policy, batch_size: int = 32, env_fac
         num_generations += len(active)
         still_active = []
         for (env, obs, record), response in zip(active, responses):
-            next_obs, reward, terminated, truncated, info = env.step(response)
+            try:
+                next_obs, reward, terminated, truncated, info = env.step(response)
+            except Exception as e:  # noqa: BLE001  it ends this episode as a failed step, not the run (detail #14)
+                next_obs, reward, terminated, truncated, info = None, lowest_reward(setting.family), False, True, \
+                    dict(outcome="ENV_ERROR", verify_info=f"{type(e).__name__}: {str(e)[:300]}", is_correct=False)
+                print(f"[{label}{setting.task}/{setting.name}] episode {record['episode']} (seed {record['seed']}): "
+                      f"env.step raised {info['verify_info'][:200]!r}; recorded as a failed step (outcome "
+                      "ENV_ERROR, the response is in the JSONL for --replay)", flush=True)
+                env = None  # in an unknown state: never reused
             record["turns"].append(dict(messages=obs["messages"], response=response, reward=float(reward),
                                         outcome=info.get("outcome"), verify_info=info.get("verify_info"),
                                         cards_correct=info.get("cards_correct"), is_correct=info.get("is_correct"),
@@ -290,7 +301,8 @@ def run_episodes(setting: Setting, policy: Policy, batch_size: int = 32, env_fac
                 records[record["episode"]] = finish_episode(setting, record)
                 if on_episode is not None:
                     on_episode(record)
-                free_envs.append(env)
+                if env is not None:
+                    free_envs.append(env)
             else:
                 still_active.append([env, next_obs, record])
         active = still_active
@@ -304,6 +316,13 @@ def run_episodes(setting: Setting, policy: Policy, batch_size: int = 32, env_fac
                   f"active, {rate:.3f} episodes/s, {num_generations / elapsed:.3f} answers/s, elapsed {elapsed:.0f}s, "
                   f"ETA {eta}", flush=True)
     return records
+
+
+def lowest_reward(family: str) -> float:
+    """The reward of a step whose env.step raised (outcome ENV_ERROR): the lowest reward the verifier gives (GP -3
+    ILLEGAL_FORMULA, V-IRL -1.5 INCORRECT_OBS, as in the PPO rollouts): a broken answer never beats a wrong one."""
+    from envs import REWARD_FN, REWARD_FN_VIRL
+    return float(min(REWARD_FN.values()) if family == "gp" else REWARD_FN_VIRL["INCORRECT_OBS"])
 
 
 def finish_episode(setting: Setting, record: dict) -> dict:
@@ -347,6 +366,9 @@ def metrics_of(setting: Setting, episodes: list[dict]) -> dict[str, tuple[int, i
         judged = [e["first_cards_correct"] for e in episodes if e["first_cards_correct"] is not None]
         if judged:  # recognition accuracy (protocol.md §3): the first answer's "cards" field equals the hand
             out["recognition"] = (sum(judged), len(judged))
+    env_errors = sum(any(t.get("outcome") == "ENV_ERROR" for t in e["turns"]) for e in episodes)
+    if env_errors:  # episodes ended by an env.step that raised (only shown when there are any)
+        out["env errors"] = (env_errors, n)
     return out
 
 
@@ -677,23 +699,60 @@ def plot_curves(points: list[dict], path: str, task: str):
     plt.close(fig)
 
 
+def read_episodes(path: str) -> list[tuple[int, dict]]:
+    """(line number, episode) of an episodes.jsonl, checked line by line (one clear error line for a missing or
+    malformed file)."""
+    if not os.path.isfile(path):
+        fail(f"--replay {path!r}: " + ("a directory, not an episodes.jsonl" if os.path.isdir(path) else "no such file"))
+    records = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    fail(f"--replay {path}: line {n} is not JSON ({e})")
+                if not isinstance(rec, dict) or rec.get("task") not in TASKS \
+                        or not isinstance(rec.get("env_kwargs"), dict) or not isinstance(rec.get("seed"), int) \
+                        or not isinstance(rec.get("turns"), list) \
+                        or not all(isinstance(t, dict) and isinstance(t.get("response"), str)
+                                   and isinstance(t.get("reward"), (int, float)) for t in rec["turns"]):
+                    fail(f"--replay {path}: line {n} is not an eval.py episode record (task, setting, env_kwargs, "
+                         "seed, turns with response and reward)")
+                records.append((n, rec))
+    except UnicodeDecodeError as e:
+        fail(f"--replay {path}: not a UTF-8 text file ({e})")
+    if not records:
+        fail(f"--replay {path}: no episodes in the file")
+    return records
+
+
 def replay(path: str) -> int:
-    """Re-score logged episodes: fresh env, same reset arguments, the logged responses; counts reward mismatches."""
+    """Re-score logged episodes: fresh env, same reset arguments, the logged responses; counts reward mismatches.
+    A step that raises is an ENV_ERROR step with the lowest reward, as in run_episodes (detail #14)."""
     mismatches = total = 0
-    with open(path) as f:
-        for line in f:
-            rec = json.loads(line)
-            env = make_env(Setting(rec["task"], rec["setting"], rec["env_kwargs"], 1, 0))
+    for n, rec in read_episodes(path):
+        setting = Setting(rec["task"], rec.get("setting", ""), rec["env_kwargs"], 1, 0)
+        try:
+            env = make_env(setting)
             reset_kwargs = {"seed": rec["seed"]}
             if rec.get("options"):
                 reset_kwargs["options"] = rec["options"]
             _, info = env.reset(**reset_kwargs)
-            same = info.get("instance_id") == rec["instance_id"]
-            for turn in rec["turns"]:
+        except Exception as e:  # noqa: BLE001
+            fail(f"--replay {path}: line {n}: cannot rebuild the environment ({type(e).__name__}: {str(e)[:200]})")
+        same = info.get("instance_id") == rec.get("instance_id")
+        for turn in rec["turns"]:
+            try:
                 _, reward, *_ = env.step(turn["response"])
-                same &= float(reward) == turn["reward"]
-            mismatches += not same
-            total += 1
+                same &= float(reward) == turn["reward"] and turn.get("outcome") != "ENV_ERROR"
+            except Exception:  # noqa: BLE001
+                same &= turn.get("outcome") == "ENV_ERROR" and turn["reward"] == lowest_reward(setting.family)
+                break
+        mismatches += not same
+        total += 1
     print(f"replayed {total} episodes from {path}: {mismatches} differ from the log")
     return mismatches
 
@@ -704,7 +763,37 @@ def write_jsonl(f, record: dict):
 
 
 def fail(message: str):
-    raise SystemExit(f"eval.py: error: {message}")
+    """Stop with one clear line on stderr and exit code 1 (no traceback)."""
+    raise SystemExit(f"eval.py: error: {message}".replace("\n", " "))
+
+
+def check_args(args: Args):
+    """The numeric flags, before anything is loaded or written."""
+    for names, ok, rule in [
+        (("gp_num_episodes", "virl_num_episodes", "virl_visual_ood_routes", "gp_verify_iter", "virl_verify_iter",
+          "gp_target_points", "batch_size", "max_new_tokens", "bootstrap_samples", "gp_image_size", "virl_resolution"),
+         lambda v: v >= 1, ">= 1"),
+        (("top_k", "seed"), lambda v: v >= 0, ">= 0"),
+        (("temperature",), lambda v: 0 <= v < math.inf, ">= 0 (0 = greedy)"),
+        (("log_every_s",), lambda v: 0 <= v < math.inf, ">= 0"),
+        (("top_p",), lambda v: 0 < v <= 1, "in (0, 1]"),
+    ]:
+        for name in names:
+            value = getattr(args, name)
+            if value is not None and not ok(value):
+                fail(f"--{name.replace('_', '-')} must be {rule}, got {value}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        fail(f"unknown --device {args.device!r} (e.g. cpu, cuda, cuda:1)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    for flag, folder in (("--virl-data-dir", args.virl_data_dir), ("--virl-visual-ood-dir", args.virl_visual_ood_dir)):
+        if folder:
+            missing = [p for p in virl_data_kwargs(folder).values() if not os.path.exists(p)]
+            if missing:
+                fail(f"{flag} {folder}: {missing[0]} does not exist (expected the official layout: route_infos.json, "
+                     "gps_pano_mapping.pkl, street_views/)")
 
 
 def checkpoint_exists(path: str) -> bool:  # a prepared name is built on first use (load_model), not here
@@ -736,17 +825,23 @@ def resolve_request(args: Args) -> tuple[list, list]:
         fail("nothing to evaluate: give --model-path CKPT (repeatable) and/or --run-dir RUN")
     if args.label and len(args.label) != len(args.model_path):
         fail(f"{len(args.label)} --label for {len(args.model_path)} --model-path")
+    twice = [x for i, x in enumerate(args.label) if x in args.label[:i]]
+    if twice:
+        fail(f"--label {twice[0]!r} is given twice; every column needs its own label")
     checkpoints = []  # dict(label, path, arm, step, flops)
-    for i, path in enumerate(args.model_path):
-        label = args.label[i] if args.label else os.path.basename(os.path.normpath(path))
+    labels = args.label or distinct_names(args.model_path)
+    for label, path in zip(labels, args.model_path):
         checkpoints.append(dict(label=label, path=path, arm=None, step=None, flops=None))
     if args.init_path:
         checkpoints.append(dict(label="init", path=args.init_path, arm=None, step=0.0, flops=0.0))
-    for run in args.run_dir:
-        arm = os.path.basename(os.path.normpath(run))
+    for run, arm in zip(args.run_dir, distinct_names(args.run_dir)):
         for c in find_checkpoints(run):
             checkpoints.append(dict(label=f"{arm}/{c['name']}", path=c["path"], arm=arm, step=c["step"],
                                     flops=c["flops"]))
+    labels = [c["label"] for c in checkpoints]
+    twice = [x for i, x in enumerate(labels) if x in labels[:i]]
+    if twice:
+        fail(f"two checkpoints would share the column label {twice[0]!r}; give each --model-path its own --label")
     for c in checkpoints:
         if not checkpoint_exists(c["path"]):
             fail(f"checkpoint {c['path']!r} not found (expected a directory with config.json, "
@@ -755,19 +850,90 @@ def resolve_request(args: Args) -> tuple[list, list]:
         if vl_tasks and not checkpoint_is_vl(c["path"]):
             fail(f"checkpoint {c['path']!r} is a text-only model but task {vl_tasks[0]} needs images; "
                  "use an image-text-to-text checkpoint (e.g. smolvlm, tiny, or a VL sft.py/ppo run)")
+    for c in checkpoints:  # reads every weight file once (about 2 s for 135M parameters): nothing is written yet
+        problem = checkpoint_weights_problem(c["path"])
+        if problem:
+            fail(f"checkpoint {c['path']!r}: {problem}; refusing to evaluate it")
     return tasks, checkpoints
+
+
+def distinct_names(paths: list[str]) -> list[str]:
+    """Column / arm names of checkpoint paths: the directory name, grown by parent directories where two different
+    paths share it (runs/sft/final, runs/ppo/final -> sft/final, ppo/final); the same path twice gets #2, #3, ..."""
+    names = [os.path.basename(os.path.normpath(p)) for p in paths]
+    keys = [p if p == "tiny" or p in PREPARED else os.path.abspath(p) for p in paths]
+    parts = [[x for x in k.split(os.sep) if x] for k in keys]
+    depth = [1] * len(paths)
+    while True:
+        clash = [i for i in range(len(paths)) if any(names[j] == names[i] and keys[j] != keys[i]
+                                                      for j in range(len(paths)))]
+        grow = [i for i in clash if depth[i] < len(parts[i])]
+        if not grow:
+            break
+        for i in grow:
+            depth[i] += 1
+            names[i] = "/".join(parts[i][-depth[i]:])
+    return [n if names[:i].count(n) == 0 else f"{n}#{names[:i].count(n) + 1}" for i, n in enumerate(names)]
+
+
+def checkpoint_weights_problem(path: str) -> Optional[str]:
+    """Why a local checkpoint cannot be evaluated: no weight file, a truncated or corrupt model.safetensors, or weights
+    that are not finite (NaN or inf, e.g. saved by a diverged run); None if it is fine. The prepared names (tiny,
+    smollm2, smolvlm) are built by make_models.py and checked when loaded."""
+    if path == "tiny" or path in PREPARED:
+        return None
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        return None if any(f.endswith(".bin") for f in os.listdir(path)) else "no model weights in it (no " \
+            "*.safetensors or *.bin file)"
+    from safetensors import safe_open
+    for name in files:
+        try:
+            with safe_open(os.path.join(path, name), framework="pt") as f:
+                for key in f.keys():
+                    if not bool(torch.isfinite(f.get_tensor(key)).all()):
+                        return f"its weights are not finite (NaN or inf in {key})"
+        except Exception as e:  # noqa: BLE001  (safetensors raises its own error type)
+            return f"{name} cannot be read, truncated or corrupt ({type(e).__name__}: {str(e)[:200]})"
+    return None
+
+
+def weights_finite(model) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def make_output_dir(args: Args) -> str:
+    """The last check and the first write: --output-dir must be new or empty (or --overwrite); the default name gets
+    a free __k suffix (created atomically, so two evaluations started in the same second never share it)."""
+    if args.output_dir:
+        if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+            fail(f"--output-dir {args.output_dir} is a file")
+        if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite:
+            fail(f"--output-dir {args.output_dir} already holds results; choose a new directory, or pass --overwrite "
+                 "to replace them")
+        os.makedirs(args.output_dir, exist_ok=True)
+        return args.output_dir
+    base = f"runs/{args.exp_name}__{args.task}__{int(time.time())}"
+    for k in range(1, 10_000):
+        output_dir = base if k == 1 else f"{base}__{k}"
+        try:
+            os.makedirs(output_dir)
+            return output_dir
+        except FileExistsError:
+            continue
+    fail(f"no free output directory name {base}__k")
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    check_args(args)
     if args.replay:
         sys.exit(1 if replay(args.replay) else 0)
 
-    # TRY NOT TO MODIFY: validate the request before loading anything
+    # TRY NOT TO MODIFY: validate the request before loading anything or writing a file
     tasks, checkpoints = resolve_request(args)
     labels = list(dict.fromkeys(c["label"] for c in checkpoints))
-    output_dir = args.output_dir or f"runs/{args.exp_name}__{args.task}__{int(time.time())}"
-    os.makedirs(output_dir, exist_ok=True)
+    output_dir = make_output_dir(args)
     sampling = dict(do_sample=args.temperature > 0, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                     max_new_tokens=args.max_new_tokens)
     print(f"eval: tasks {tasks}, {len(checkpoints)} checkpoint(s), sampling {sampling}, output {output_dir}",
@@ -787,6 +953,10 @@ if __name__ == "__main__":
                                                   dtype=getattr(torch, args.dtype))
                 except ValueError as e:
                     fail(f"{c['path']} for task {task}: {e}")
+                except Exception as e:  # noqa: BLE001  (e.g. a truncated model.safetensors of a prepared name)
+                    fail(f"cannot load {c['path']} for task {task}: {type(e).__name__}: {str(e)[:300]}")
+                if not weights_finite(model):
+                    fail(f"checkpoint {c['path']!r}: its weights are not finite (NaN or inf); refusing to evaluate it")
                 policy = ModelPolicy(model.to(args.device), processor, args.max_new_tokens, args.temperature,
                                      args.top_p, args.top_k, args.device, args.kv_reuse)
                 for setting in settings:

@@ -40,7 +40,7 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
-from envs import VIRL_OUTCOMES, NavigationEnv, virl_world_paths
+from envs import REWARD_FN_VIRL, VIRL_OUTCOMES, NavigationEnv, virl_world_paths
 
 # ---- copied block "models": identical in sft.py, ppo_generalpoints.py, ppo_virl.py, eval.py (tests/test_copies.py) ----
 CACHE_DIR = os.environ.get("SFTVSRL_CACHE", os.path.expanduser("~/.cache/sftvsrl"))
@@ -267,12 +267,18 @@ class Args:
 
 
 ANSWER_KEY = '"action"'  # the CoT ends where the last `"action"` key begins (detail #2)
+ENV_ERROR_REWARD = REWARD_FN_VIRL["INCORRECT_OBS"]  # -1.5, the lowest reward the verifier gives (detail #28)
 
 
 # ---- copied block "ppo": identical in ppo_generalpoints.py and ppo_virl.py (tests/test_copies.py) ----
+def fail(msg: str):
+    """Stop with one clear line and exit status 1, no traceback (detail #27)."""
+    raise SystemExit(f"error: {msg}")
+
+
 def exact_div(a: int, b: int, what: str) -> int:
     if b <= 0 or a % b != 0:
-        raise SystemExit(f"error: batch layout does not divide: {what} ({a} / {b})")
+        fail(f"batch layout does not divide: {what} ({a} / {b})")
     return a // b
 
 
@@ -571,8 +577,18 @@ def normalize_advantages(adv: torch.Tensor, mode: str, world_size: int) -> torch
 def check_finite(name: str, x: torch.Tensor, context: str):
     """Fail loudly before anything is saved (detail #19)."""
     if not torch.isfinite(x).all():
-        raise SystemExit(f"error: non-finite {name} ({x.detach().flatten()[:4].tolist()}) at {context}; stopping "
-                         "without writing a checkpoint (lower --lr, check --max-grad-norm, or inspect the samples)")
+        fail(f"non-finite {name} ({x.detach().flatten()[:4].tolist()}) at {context}; stopping without writing a "
+             "checkpoint (lower --lr, check --max-grad-norm, or inspect the samples)")
+
+
+def weights_finite(module: nn.Module) -> bool:
+    """Every parameter is finite, on every rank (FSDP: each rank checks its shards, then all ranks agree)."""
+    ok = all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in module.parameters())
+    if dist.is_initialized():
+        flag = torch.tensor(float(ok), device=next(module.parameters()).device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        ok = bool(flag)
+    return ok
 
 
 def reduce_metrics(local: dict, world_size: int) -> dict:
@@ -598,7 +614,10 @@ def read_d_init(path: str) -> int:
 def save_ppo_checkpoint(path: str, agent, processor, optimizer, state: dict, rank_state: dict, rank: int,
                         world_size: int, fsdp: bool):
     """save_pretrained + value_head.pt + optimizer + trainer_state.json + per-rank RNG/env state, written into
-    `path.tmp` and renamed only when complete (detail #24)."""
+    `path.tmp` and renamed only when complete (detail #24). A re-save moves the old copy to `path.old` until the
+    new one is in place; `recover_checkpoints` renames a lone `path.old` back after a kill between the renames."""
+    if not weights_finite(agent):
+        fail(f"the weights are not finite; stopping without writing {path} (lower --lr)")
     tmp = path + ".tmp"
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -625,12 +644,108 @@ def save_ppo_checkpoint(path: str, agent, processor, optimizer, state: dict, ran
         dist.barrier()
     if rank == 0:
         old = path + ".old"
-        if os.path.exists(path):
+        if os.path.exists(path):  # a re-save: the old copy moves aside until the new one is in place
+            shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
-        os.replace(tmp, path)
+        os.replace(tmp, path)  # from here on `path` is the new copy; at every moment one copy is complete
         shutil.rmtree(old, ignore_errors=True)
     if world_size > 1:
         dist.barrier()
+
+
+def safe_step(env, text: str, error_reward: float):
+    """env.step(text); an answer that makes the environment raise is a failed step, never the end of the run
+    (detail #28): `error_reward`, outcome ENV_ERROR, truncated (the caller resets the episode), the error in
+    info["error"] and the answer printed in full so that it can be replayed."""
+    try:
+        return env.step(text)
+    except Exception as e:  # noqa: BLE001  (whatever the verifier cannot handle)
+        error = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        print(f"env error on instance {getattr(env, 'instance_id', None)} ({error}): recorded as a failed step "
+              f"(reward {error_reward}), episode reset; response {text!r}", flush=True)
+        info = dict(outcome="ENV_ERROR", error=error, is_success=False, is_correct=False, cards_correct=False)
+        return None, error_reward, False, True, info
+
+
+# run identity and resume (detail #29)
+RESUME_KEEPS = ("resume", "num_updates", "save_every", "eval_every", "track")  # what --resume takes from the CLI
+
+
+def flags_ignored_on_resume(argv: list) -> list:
+    """The flags in `argv` that a --resume run would ignore: it continues with the checkpoint's arguments."""
+    keep = {k.replace("_", "-") for k in RESUME_KEEPS} | {"no-track"}
+    flags = [a[2:].split("=", 1)[0].replace("_", "-") for a in argv if a.startswith("--") and len(a) > 2]
+    return list(dict.fromkeys("--" + f for f in flags if f not in keep))
+
+
+def recover_checkpoints(ckpt_dir: str):
+    """Finish a re-save killed between its two renames: in RUN/checkpoints, a lone update_XXXX.old is renamed back;
+    one beside a complete update_XXXX (only its deletion was missing) is deleted."""
+    for name in sorted(os.listdir(ckpt_dir)) if os.path.isdir(ckpt_dir) else []:
+        old, new = os.path.join(ckpt_dir, name), os.path.join(ckpt_dir, name[: -len(".old")])
+        if name.endswith(".old") and os.path.isdir(old):
+            if os.path.isdir(new):
+                shutil.rmtree(old)
+            else:
+                os.replace(old, new)
+
+
+def resolve_resume(path: str, rank: int = 0, world_size: int = 1) -> str:
+    """--resume RUN (its highest complete update) or RUN/checkpoints/update_XXXX -> the checkpoint directory, after
+    rank 0 has finished any re-save that a kill interrupted (recover_checkpoints)."""
+    path = os.path.normpath(path)
+    if os.path.basename(path).endswith((".tmp", ".old")):
+        fail(f"--resume {path}: a *.tmp or *.old directory belongs to an interrupted save, never a complete "
+             "checkpoint; resume from the run directory or a complete update_XXXX")
+    ckpt_dir = os.path.join(path, "checkpoints")
+    recover = ckpt_dir if os.path.isdir(ckpt_dir) else os.path.dirname(path)
+    if rank == 0 and os.path.basename(recover) == "checkpoints":
+        recover_checkpoints(recover)
+    if world_size > 1:
+        dist.barrier()
+    if os.path.isdir(ckpt_dir) and not os.path.isfile(os.path.join(path, "trainer_state.json")):
+        done = [d for d in os.listdir(ckpt_dir) if d.startswith("update_") and d[7:].isdigit()
+                and os.path.isfile(os.path.join(ckpt_dir, d, "trainer_state.json"))]
+        if not done:
+            fail(f"--resume {path}: the run has no complete checkpoint in {ckpt_dir}")
+        path = os.path.join(ckpt_dir, max(done, key=lambda d: int(d[7:])))
+    if not os.path.isfile(os.path.join(path, "trainer_state.json")):
+        fail(f"--resume {path} is not a PPO checkpoint (no trainer_state.json)")
+    if os.path.basename(os.path.dirname(path)) != "checkpoints":
+        fail(f"--resume {path}: a checkpoint is resumed inside its run (RUN/checkpoints/update_XXXX); to start a new "
+             "run from it, pass it as --model-path")
+    return path
+
+
+def new_run_dir(base: str) -> str:
+    """runs/{base}, else runs/{base}__2, __3, ...: created atomically (os.makedirs, exist_ok=False), so a new run
+    never writes into an existing directory, not even one made in the same second by another run."""
+    for k in range(1, 10_000):
+        run_dir = os.path.join("runs", base if k == 1 else f"{base}__{k}")
+        try:
+            os.makedirs(run_dir)
+            return run_dir
+        except FileExistsError:
+            continue
+    fail(f"no free run directory runs/{base}__k")
+
+
+def truncate_metrics(path: str, update: int):
+    """Resuming after `update`: drop the metrics.jsonl rows the interrupted run logged after it (and a line cut by
+    the crash), so that the file continues without duplicate rows. Rewritten atomically."""
+    if not os.path.isfile(path):
+        return
+    keep = []
+    for line in open(path):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and row.get("update", 0) <= update:
+            keep.append(line.rstrip("\n") + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
 # ---- end copied block "ppo" ----
 
 
@@ -682,7 +797,7 @@ def check_data(args: Args):
             env = make_env(args, source, seed=0)
             env.reset(seed=0, options={"route_idx": 0})  # relocates the first rail: catches a mapping of other routes
     except (ValueError, FileNotFoundError, OSError, IndexError, KeyError, TypeError) as e:
-        raise SystemExit(f"error: V-IRL data ({name}): {e}")
+        fail(f"V-IRL data ({name}): {e}")
 
 
 def eval_splits(args: Args) -> dict:
@@ -723,8 +838,9 @@ def evaluate(agent, processor, args: Args, gen_config, device, rank: int, world_
                 continue
             responses = generate(agent, processor, prompts, gen_config, prefix_cache, device, synced_gpus)
             for i, r in zip(idx, responses):
-                obs[i], reward, terminated, truncated, info = envs[i].step(
-                    tokenizer_of(processor).decode(r["response_ids"], skip_special_tokens=True))
+                obs[i], reward, terminated, truncated, info = safe_step(
+                    envs[i], tokenizer_of(processor).decode(r["response_ids"], skip_special_tokens=True),
+                    ENV_ERROR_REWARD)
                 steps += 1
                 correct += float(info["is_correct"])
                 if terminated or truncated:
@@ -741,10 +857,14 @@ def evaluate(agent, processor, args: Args, gen_config, device, rank: int, world_
 
 def resolve_model_path(args: Args, distributed: bool) -> str:
     """--model-path auto: the SFT checkpoint of `python sft.py --task {task}` (runs/sft-{task}-default/final, else the
-    newest runs/{task}__sft__*/final); when there is none, --init-fallback decides (docs/ppo_virl.md)."""
+    newest runs/{task}__sft__*/final); when there is none, --init-fallback decides (docs/ppo_virl.md). An interrupted
+    build (runs/sft-{task}-default without final/) is continued with `sft.py --resume`, never started over in it."""
     if args.model_path != "auto":
         return args.model_path
-    default = os.path.join("runs", f"sft-{args.task}-default", "final")
+    run = os.path.join("runs", f"sft-{args.task}-default")
+    default = os.path.join(run, "final")
+    if not os.path.isdir(default) and os.path.isfile(os.path.join(default + ".old", "config.json")):
+        os.replace(default + ".old", default)  # sft.py was killed between the two renames of a re-save of final/
     found = [default] if os.path.exists(os.path.join(default, "config.json")) else []
     found += sorted((d for d in glob.glob(os.path.join("runs", f"{args.task}__sft__*", "final"))
                      if os.path.exists(os.path.join(d, "config.json"))), key=os.path.getmtime, reverse=True)
@@ -754,22 +874,59 @@ def resolve_model_path(args: Args, distributed: bool) -> str:
                args.task, "--run-name", f"sft-{args.task}-default", *shlex.split(args.init_sft_args)]
     hint = f"run `python sft.py --task {args.task} --run-name sft-{args.task}-default` first, or pass --model-path"
     if args.init_fallback == "error" or (args.init_fallback == "sft" and distributed):
-        raise SystemExit(f"error: no SFT checkpoint for {args.task} ({default} or runs/{args.task}__sft__*/final): "
-                         f"RL starts from an SFT checkpoint; {hint}")
+        fail(f"no SFT checkpoint for {args.task} ({default} or runs/{args.task}__sft__*/final): RL starts from an SFT "
+             f"checkpoint; {hint}")
     if args.init_fallback == "base":
         base = "smollm2" if args.task == "virl-l" else "smolvlm"
         print(f"WARNING: no SFT checkpoint for {args.task} ({hint}); starting RL from the base model {base!r}. "
               "The paper's RL runs without SFT fail (Fig. 9): expect ~0 reward.", flush=True)
         return base
+    if os.path.isdir(run):  # an earlier build was interrupted: continue it from its latest step_k/
+        if not [d for d in glob.glob(os.path.join(run, "step_*", "trainer_state.json")) if ".tmp" not in d]:
+            fail(f"{run} exists without final/ or any complete step_k/ (an interrupted sft.py run that saved nothing "
+                 f"to resume): delete it to build the SFT checkpoint again, or pass --model-path")
+        sft_cmd[sft_cmd.index("--run-name"): sft_cmd.index("--run-name") + 2] = ["--resume", run]
     print(f"no SFT checkpoint for {args.task}: building it first with `{shlex.join(sft_cmd[1:])}` "
           "(once; later runs reuse it)", flush=True)
     if subprocess.run(sft_cmd).returncode != 0 or not os.path.exists(os.path.join(default, "config.json")):
-        raise SystemExit(f"error: building the SFT checkpoint failed (see above); {hint}")
+        fail(f"building the SFT checkpoint failed (see above); {hint}")
     return default
+
+
+def check_args(args: Args):
+    """Every argument check, before anything is loaded or written: one line `error: ...` (detail #27)."""
+    for names, ok, rule in [
+            (("num_updates", "num_envs", "num_steps", "max_new_tokens", "micro_batch_size", "update_epochs",
+              "num_minibatches", "verify_iter", "lr_max_steps", "straight_line_length"), lambda v: v >= 1, ">= 1"),
+            (("lr", "temperature", "clip_coef", "adam_eps"), lambda v: v > 0, "> 0"),
+            (("gamma", "gae_lambda", "drop_rate"), lambda v: 0 <= v <= 1, "in [0, 1]"),
+            (("top_p",), lambda v: 0 < v <= 1, "in (0, 1]"),
+            (("top_k", "save_every", "eval_every", "eval_max_turns", "end_lr", "vf_coef", "ent_coef", "kl_coef",
+              "thought_prob_coef", "num_samples_logged", "d_init_tokens"), lambda v: v >= 0, ">= 0"),
+            (("seed",), lambda v: 0 <= v < 2**31, "in [0, 2**31)"),
+            (("resolution", "crop_size"), lambda v: v >= 8, ">= 8")]:
+        for name in names:
+            value = getattr(args, name)
+            if value is not None and not (ok(value) and math.isfinite(value)):
+                fail(f"--{name.replace('_', '-')} must be {rule}, got {value}")
+    for name in ("vf_clip_coef", "max_grad_norm"):  # <= 0 disables them (documented)
+        if not math.isfinite(getattr(args, name)):
+            fail(f"--{name.replace('_', '-')} must be finite, got {getattr(args, name)}")
+    if args.official.skip_first_tokens < 0:
+        fail(f"--skip-first-tokens must be >= 0, got {args.official.skip_first_tokens}")
+    if args.eval_every > 0 and args.eval_episodes < 1:
+        fail(f"--eval-episodes must be >= 1 when evaluating (--eval-every {args.eval_every}), got {args.eval_episodes}")
+    if args.logprobs_from_sampling and (args.top_p < 1.0 or args.top_k > 0):
+        fail("--logprobs-from-sampling needs --top-p 1 --top-k 0 (the sampler must be exactly pi)")
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    check_args(args)
+    ignored = flags_ignored_on_resume(sys.argv[1:]) if args.resume else []
+    if ignored:  # detail #29
+        fail(f"--resume continues the run with the arguments stored in its checkpoint and applies only "
+             f"{', '.join('--' + k.replace('_', '-') for k in RESUME_KEEPS)}; leave out {' '.join(ignored)}")
     # TRY NOT TO MODIFY: distributed set-up (nanoGPT style: the same file runs under python and torchrun, detail #25)
     distributed, use_cuda = "RANK" in os.environ, torch.cuda.is_available() and args.cuda
     if distributed:
@@ -779,56 +936,40 @@ if __name__ == "__main__":
     if use_cuda:
         torch.cuda.set_device(device)
     fsdp = distributed and args.dist == "fsdp"
+
+    # resume: the checkpoint carries the weights, the arguments that define the run and the run directory (detail #29)
+    resume_state, run_name, run_dir = None, None, None
+    if args.resume:
+        args.resume = resolve_resume(args.resume, rank, world_size)
+        try:
+            resume_state = json.load(open(os.path.join(args.resume, "trainer_state.json")))
+            keep = {k: getattr(args, k) for k in RESUME_KEEPS}
+            for key, value in {**resume_state["args"], **keep}.items():  # the run continues with its own arguments
+                setattr(args, key, Official(**value) if key == "official" else value)
+            resumed_update = int(resume_state["step"])
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            fail(f"--resume {args.resume}: its trainer_state.json is unreadable ({type(e).__name__}: {e})")
+        check_args(args)
+        if args.num_updates <= resumed_update:
+            fail(f"--resume {args.resume} is at update {resumed_update} already: pass a larger --num-updates")
+        run_dir = os.path.dirname(os.path.dirname(args.resume))  # RUN/checkpoints/update_XXXX -> RUN
+        run_name = os.path.basename(run_dir)
+        args.model_path = args.resume
     args.world_size = world_size
     args.local_batch_size = args.num_envs * args.num_steps
     args.local_minibatch_size = exact_div(args.local_batch_size, args.num_minibatches,
                                           "num_envs * num_steps must divide into num_minibatches")
     args.grad_accum_steps = exact_div(args.local_minibatch_size, args.micro_batch_size,
                                       "the minibatch must divide into micro batches of micro_batch_size")
-    if args.num_updates < 1 or args.update_epochs < 1:
-        raise SystemExit("error: --num-updates and --update-epochs must be >= 1")
-    if args.logprobs_from_sampling and (args.top_p < 1.0 or args.top_k > 0):
-        raise SystemExit("error: --logprobs-from-sampling needs --top-p 1 --top-k 0 (the sampler must be exactly pi)")
-
-    # resume: the checkpoint carries the weights, the arguments that define the run and the run directory
-    resume_state = None
-    if args.resume:
-        if not os.path.exists(os.path.join(args.resume, "trainer_state.json")):
-            raise SystemExit(f"error: --resume {args.resume} is not a PPO checkpoint (no trainer_state.json)")
-        resume_state = json.load(open(os.path.join(args.resume, "trainer_state.json")))
-        keep = {k: getattr(args, k) for k in ("resume", "num_updates", "save_every", "eval_every", "track")}
-        for key, value in {**resume_state["args"], **keep}.items():  # the run continues with its own arguments
-            setattr(args, key, Official(**value) if key == "official" else value)
-        run_name = resume_state["run_name"]
-        args.model_path = args.resume
-    else:
-        run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        if distributed:  # one run name for all ranks (summarize_from_feedback_details)
-            holder = [run_name]
-            dist.broadcast_object_list(holder, src=0)
-            run_name = holder[0]
     if args.eval_every > 0 and args.eval_episodes < world_size:
-        raise SystemExit(f"error: --eval-episodes {args.eval_episodes} must be at least the number of ranks")
+        fail(f"--eval-episodes {args.eval_episodes} must be at least the number of ranks")
     if args.lr is None:  # the official scripts: 1e-6 for V-IRL-L, 1e-7 for V-IRL-VL
         args.lr = 1e-6 if args.task == "virl-l" else 1e-7
     check_data(args)  # bad data paths / route files stop here, before any model is loaded
     args.model_path = resolve_model_path(args, distributed)
     if args.model_path not in ("tiny", "smollm2", "smolvlm") and not os.path.exists(args.model_path):
-        raise SystemExit(f"error: initial checkpoint {args.model_path!r} not found. RL starts from an SFT checkpoint: "
-                         f"run `python sft.py --task {args.task} --run-name sft-{args.task}-default` first, or pass "
-                         f"--model-path <checkpoint dir>")
-    run_dir = f"runs/{run_name}"
-
-    if rank == 0:
-        if args.track:
-            import wandb
-
-            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                       config=asdict(args), name=run_name, save_code=True)
-        writer = SummaryWriter(run_dir)
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % (
-            "\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])))
-        jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        fail(f"initial checkpoint {args.model_path!r} not found. RL starts from an SFT checkpoint: run `python sft.py "
+             f"--task {args.task} --run-name sft-{args.task}-default` first, or pass --model-path <checkpoint dir>")
 
     def log(metrics: dict, step: int, record: dict):
         if rank != 0:
@@ -845,8 +986,8 @@ if __name__ == "__main__":
         torch.backends.cudnn.deterministic = True
     try:
         policy, processor = load_model(args.model_path, args.task == "virl-vl", dtype=getattr(torch, args.dtype))
-    except (ValueError, OSError) as e:
-        raise SystemExit(f"error: cannot load {args.model_path!r}: {e}")
+    except Exception as e:  # noqa: BLE001  (a truncated model.safetensors raises safetensors' own error type)
+        fail(f"cannot load {args.model_path!r}: {type(e).__name__}: {' '.join(str(e).split())[:300]}")
     tokenizer = tokenizer_of(processor)
     disable_dropout(policy)
     if args.gradient_checkpointing:
@@ -856,7 +997,12 @@ if __name__ == "__main__":
         ref_agent = Agent(copy.deepcopy(policy), autocast_bf16).to(device).eval().requires_grad_(False)
     agent = Agent(policy, autocast_bf16).to(device)
     if resume_state is not None:
-        unwrap(agent).value_head.load_state_dict(torch.load(os.path.join(args.resume, "value_head.pt")))
+        try:
+            unwrap(agent).value_head.load_state_dict(torch.load(os.path.join(args.resume, "value_head.pt")))
+        except Exception as e:  # noqa: BLE001  (a missing or truncated file)
+            fail(f"--resume {args.resume}: value_head.pt cannot be loaded ({type(e).__name__}: {str(e)[:200]})")
+    if not weights_finite(agent):  # detail #27
+        fail(f"{args.model_path}: the checkpoint's weights are not finite (NaN or inf); refusing to train from it")
     d_init = args.d_init_tokens if args.d_init_tokens is not None else read_d_init(args.model_path)
     num_params = sum(p.numel() for p in agent.parameters())
     lp = dict(temperature=args.temperature, thought_prob_coef=args.thought_prob_coef,  # how log pi is computed
@@ -885,7 +1031,36 @@ if __name__ == "__main__":
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.lr, eps=args.adam_eps, weight_decay=0.0)
     if resume_state is not None:
         opt_file = f"optimizer_rank{rank}.pt" if fsdp else "optimizer.pt"
-        optimizer.load_state_dict(torch.load(os.path.join(args.resume, opt_file), weights_only=False))
+        try:
+            optimizer.load_state_dict(torch.load(os.path.join(args.resume, opt_file), weights_only=False))
+            rank_state = pickle.load(open(os.path.join(args.resume, f"rank{rank}_state.pkl"), "rb"))
+        except Exception as e:  # noqa: BLE001  (a missing or truncated file, another world size)
+            fail(f"--resume {args.resume}: {opt_file} or rank{rank}_state.pkl cannot be loaded ({type(e).__name__}: "
+                 f"{str(e)[:200]})")
+
+    # the run directory, only now that every check has passed (detail #29): a new run gets a directory of its own,
+    # --resume continues its checkpoint's run without the rows the interrupted run logged after the checkpoint
+    if rank == 0:
+        if resume_state is None:
+            run_dir = new_run_dir(f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")
+            run_name = os.path.basename(run_dir)
+        else:
+            truncate_metrics(os.path.join(run_dir, "metrics.jsonl"), resumed_update)
+        if args.track:
+            import wandb
+
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                       config=asdict(args), name=run_name, save_code=True)
+        writer = SummaryWriter(run_dir)
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % (
+            "\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])))
+        jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+    if distributed and resume_state is None:  # one run directory for all ranks
+        holder = [run_dir]
+        dist.broadcast_object_list(holder, src=0)
+        run_dir = holder[0]
+        run_name = os.path.basename(run_dir)
+
     sampled_lp = args.logprobs_from_sampling and not fsdp
     gen_config = transformers.GenerationConfig(  # the sampler is exactly pi (detail #9)
         do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -904,7 +1079,6 @@ if __name__ == "__main__":
     next_done = torch.zeros(args.num_envs)
     start_update, global_step, tokens_trained, tokens_generated = 1, 0, 0, 0
     if resume_state is not None:
-        rank_state = pickle.load(open(os.path.join(args.resume, f"rank{rank}_state.pkl"), "rb"))
         envs, next_obs, next_done = rank_state["envs"], rank_state["next_obs"], rank_state["next_done"]
         random.setstate(rank_state["python_rng"])
         np.random.set_state(rank_state["numpy_rng"])
@@ -952,7 +1126,7 @@ if __name__ == "__main__":
         values = torch.zeros((args.num_steps, args.num_envs))
         rewards = torch.zeros((args.num_steps, args.num_envs))
         dones = torch.zeros((args.num_steps, args.num_envs))
-        outcomes, resp_lens, truncs, successes, corrects, kls = {k: 0 for k in VIRL_OUTCOMES}, [], [], [], [], []
+        outcomes, resp_lens, truncs, successes, corrects, kls = {k: 0 for k in (*VIRL_OUTCOMES, "ENV_ERROR")}, [], [], [], [], []
         agent.eval()
         # KV reuse within this rollout only: the weights change with every update (detail #10)
         prefix_cache = PrefixCache(unwrap(agent).policy) if args.kv_reuse and not fsdp else None
@@ -986,11 +1160,14 @@ if __name__ == "__main__":
             for i, (env, s) in enumerate(zip(envs, step_samples)):
                 samples[step][i] = s
                 text = tokenizer.decode(s["response_ids"], skip_special_tokens=True)
-                obs, reward, terminated, truncated, info = env.step(text)
+                # an answer that makes the env raise is a failed step, logged with its text (detail #28)
+                obs, reward, terminated, truncated, info = safe_step(env, text, ENV_ERROR_REWARD)
                 rewards[step, i] = reward - (args.kl_coef * kls[-1][i].item() if kls else 0.0)
                 outcomes[info["outcome"]] = outcomes.get(info["outcome"], 0) + 1
                 corrects.append(float(info["is_correct"]))  # per-step accuracy: retries and forced -1 count
                 s["reward"], s["text"] = reward, text
+                if "error" in info:
+                    s["env_error"], s["instance_id"] = info["error"], env.instance_id
                 # truncation ends the episode too, unless the official bootstrap is asked for (detail #11); after
                 # a correct move the env hands back a fresh single-turn prompt, after a wrong one the conversation
                 # goes on with "You failed this trial because ..." (protocol.md §2.7)
@@ -1106,13 +1283,16 @@ if __name__ == "__main__":
                         "charts/update_seconds": time.time() - update_start - rollout_time, **compute()})
         log(metrics, global_step, {"update": update})
         if rank == 0:
-            for n, j in enumerate(np.argsort([-abs(s["reward"]) for s in b_samples])[: args.num_samples_logged]):
+            logged = list(np.argsort([-abs(s["reward"]) for s in b_samples])[: args.num_samples_logged])
+            logged += [j for j, s in enumerate(b_samples) if "env_error" in s and j not in logged]  # all of them
+            for n, j in enumerate(logged):
                 s = b_samples[j]
                 prompt_tail = tokenizer.decode(s["prompt_ids"][-60:])
                 writer.add_text(f"samples/{n}", f"**prompt (tail)**\n\n```\n{prompt_tail}\n```\n\n**response**\n\n"
                                 f"```\n{s['text']}\n```\n\nreward {s['reward']}", global_step)
+                error = {k: s[k] for k in ("env_error", "instance_id") if k in s}  # to replay: env.step(response)
                 jsonl.write(json.dumps({"update": update, "sample": n, "prompt_tail": prompt_tail,
-                                        "response": s["text"], "reward": s["reward"]}) + "\n")
+                                        "response": s["text"], "reward": s["reward"], **error}) + "\n")
             print(f"update {update}/{args.num_updates} | env steps {global_step} | SPS {sps:.2f} | "
                   f"reward {metrics['rollout/reward_mean']:+.2f} | step acc {metrics['rollout/step_accuracy']:.2f} | "
                   f"success {metrics['rollout/success_rate']:.2f} ({metrics['rollout/episodes']:.0f} ep) | "

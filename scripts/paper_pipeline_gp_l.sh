@@ -59,4 +59,4 @@ python sft.py --task gp-l --model-path "$INIT" --run-name "$TAG-sft-arm" --outpu
 echo "== 4. evaluation: init vs SFT arm vs RL arm"
 python eval.py --task gp-l --model-path "$INIT" --label init --model-path "$OUT/$TAG-sft-arm/final" --label sft-arm \
   --model-path "$RL_CKPT" --label rl-arm --gp-num-episodes "$EVAL_EPISODES" --max-new-tokens "$MAX_NEW_TOKENS" \
-  --settings id --settings rule-ood --output-dir "$OUT/$TAG-eval" $EXTRA_EVAL
+  --settings id --settings rule-ood --output-dir "$OUT/$TAG-eval" --overwrite $EXTRA_EVAL

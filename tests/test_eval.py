@@ -408,3 +408,75 @@ def test_kv_reuse_gives_the_greedy_answers_of_a_plain_batch_with_refills():
         if kv_reuse:
             assert policy.prefix_cache.entries  # it kept the KV of the last turn's sequences
     assert answers[True] == answers[False] and sum(len(a) for a in answers[True]) == 5 * 3
+
+
+# ---- issue 15: an env error ends one episode, never the evaluation; labels that cannot collide ----
+def test_env_error_is_a_failed_step_and_replays(monkeypatch, tmp_path):
+    """A step that raises (e.g. RecursionError on a deeply nested formula, before the iterative verifier) is recorded
+    as a failed step: lowest reward, outcome ENV_ERROR, the response kept; its episode ends, the others go on."""
+    import envs
+    original = envs.GeneralPointsEnv.step
+
+    def step(self, response_text):
+        if response_text == "BOOM":
+            raise RecursionError("maximum recursion depth exceeded")
+        return original(self, response_text)
+
+    monkeypatch.setattr(envs.GeneralPointsEnv, "step", step)
+    setting = ev.Setting("gp-l", "id", dict(verify_iter=2, language_only=True, treat_face_cards_as_10=True,
+                                             ood=False), num_episodes=4, seed=0)
+    calls = []
+
+    def policy(batch):  # the first conversation of the second call gets the answer that breaks the env, once
+        calls.append(len(batch))
+        return ["BOOM" if len(calls) == 2 and i == 0 else "no idea" for i in range(len(batch))]
+
+    episodes = ev.run_episodes(setting, policy, batch_size=2, log_every_s=1e9)
+    broken = [e for e in episodes if any(t["outcome"] == "ENV_ERROR" for t in e["turns"])]
+    assert len(broken) == 1 and broken[0]["num_steps"] == 2 and not broken[0]["success"]
+    last = broken[0]["turns"][-1]
+    assert (last["response"], last["reward"], last["is_correct"]) == ("BOOM", -3.0, False)
+    assert last["verify_info"] == "RecursionError: maximum recursion depth exceeded" and last["truncated"]
+    assert [e["num_steps"] for e in episodes if e is not broken[0]] == [3, 3, 3]  # 2 verified + the forced call
+    m = ev.metrics_of(setting, episodes)
+    assert m["env errors"] == (1, 4) and m["success"] == (0, 4)
+    assert "env errors" not in ev.metrics_of(setting, [e for e in episodes if e is not broken[0]])
+    assert ev.lowest_reward("virl") == -1.5  # the PPO rollouts use the same rewards
+    jsonl = tmp_path / "episodes.jsonl"
+    jsonl.write_text("".join(json.dumps(e) + "\n" for e in episodes))
+    assert ev.replay(str(jsonl)) == 0  # the same answer breaks the env again: the same failed step
+    monkeypatch.setattr(envs.GeneralPointsEnv, "step", original)
+    assert ev.replay(str(jsonl)) == 1  # a fixed env scores the logged answer: the replay shows what moved
+
+
+def test_labels_cannot_collide(tmp_path):
+    model, tok = ev.load_model("tiny", vl_task=False)
+    for d in ("sft/final", "ppo/final", "x/run/step_1", "y/run/step_1", "z/init"):
+        model.save_pretrained(tmp_path / d)
+        tok.save_pretrained(tmp_path / d)
+    a, b = str(tmp_path / "sft" / "final"), str(tmp_path / "ppo" / "final")
+    _, ckpts = ev.resolve_request(ev.Args(model_path=[a, b, a + "/", "tiny"]))
+    assert [c["label"] for c in ckpts] == ["sft/final", "ppo/final", "sft/final#2", "tiny"]
+    _, ckpts = ev.resolve_request(ev.Args(model_path=[a], run_dir=[str(tmp_path / "x/run"), str(tmp_path / "y/run")],
+                                          init_path="tiny"))
+    assert [(c["label"], c["arm"]) for c in ckpts] == [("final", None), ("init", None),
+                                                       ("x/run/step_1", "x/run"), ("y/run/step_1", "y/run")]
+    assert ev.distinct_names(["a/b/c", "d/b/c", "e/x/c"]) == ["a/b/c", "d/b/c", "x/c"]
+    with pytest.raises(SystemExit, match="share the column label 'init'"):
+        ev.resolve_request(ev.Args(model_path=[str(tmp_path / "z/init")], init_path="tiny"))
+    with pytest.raises(SystemExit, match="--label 'same' is given twice"):
+        ev.resolve_request(ev.Args(model_path=[a, b], label=["same", "same"]))
+
+
+def test_default_output_dir_gets_a_free_suffix(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(ev.time, "time", lambda: 1700000000.0)
+    args = ev.Args(task="gp-l")
+    made = [ev.make_output_dir(args) for _ in range(3)]
+    assert made == ["runs/eval__gp-l__1700000000", "runs/eval__gp-l__1700000000__2", "runs/eval__gp-l__1700000000__3"]
+    (tmp_path / made[0] / "table.md").write_text("earlier results")
+    with pytest.raises(SystemExit, match="already holds results"):
+        ev.make_output_dir(ev.Args(output_dir=made[0]))
+    assert ev.make_output_dir(ev.Args(output_dir=made[1])) == made[1]  # an existing empty directory is fine
+    assert ev.make_output_dir(ev.Args(output_dir=made[0], overwrite=True)) == made[0]
+    assert (tmp_path / made[0] / "table.md").read_text() == "earlier results"

@@ -1,6 +1,8 @@
 """Tests for ppo_generalpoints.py: numerical unit tests on the PPO pieces, then CleanRL-style subprocess runs."""
+import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -32,6 +34,12 @@ def run(cmd: list, tmp_path, check=True, timeout=300):
 def records(tmp_path) -> list:
     (run_dir,) = [d for d in (tmp_path / "runs").iterdir()]
     return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+
+
+def same(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, (int, float)):
+        return b == pytest.approx(a, rel=1e-4, abs=1e-6, nan_ok=True)
+    return a == b
 
 
 @pytest.fixture(scope="module")
@@ -190,12 +198,21 @@ def test_e2e_gp_l_and_resume_continues_identically(tmp_path):
     (run_dir,) = list((tmp_path / "runs").iterdir())
     ckpt = run_dir / "checkpoints" / "update_0001"
     assert {"model.safetensors", "value_head.pt", "optimizer.pt", "trainer_state.json"} <= set(os.listdir(ckpt))
+    # a crash: killed between the two renames of a re-save of update_0002 (only update_0002.old is left), and in the
+    # middle of writing a metrics row
+    first = records(tmp_path)
+    os.rename(run_dir / "checkpoints" / "update_0002", run_dir / "checkpoints" / "update_0002.old")
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"update": 3, "losses/pg_')
     run([sys.executable, script, "--resume", str(ckpt), "--num-updates", "2"], tmp_path)
-    recs2 = [r for r in records(tmp_path) if "losses/pg_loss" in r]
-    assert [r["update"] for r in recs2] == [1, 2, 2]
-    for key in ("rollout/reward_mean", "rollout/logprob_mean", "rollout/value_mean", "losses/pg_loss",
-                "losses/v_loss", "compute/env_steps", "compute/tokens_trained"):
-        assert recs2[2][key] == pytest.approx(recs2[1][key], rel=1e-4, abs=1e-6), key
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["update_0001", "update_0002"]  # .old renamed back, re-saved
+    resumed = records(tmp_path)
+    assert [r["update"] for r in resumed] == [r["update"] for r in first]  # no duplicate rows, no cut line
+    for a, b in zip(first, resumed):  # update 2 again: identical to the uninterrupted run
+        assert a.keys() == b.keys()
+        for key in a:
+            if not key.startswith("charts/") or key == "charts/learning_rate":  # the rest are timings
+                assert same(a[key], b[key]), (a["update"], key, a[key], b[key])
 
 
 def test_e2e_gp_vl(tmp_path):
@@ -254,3 +271,106 @@ def test_kv_reuse_across_turns_samples_the_same_tokens_and_logprobs_from_samplin
             obs = [env.step(tok.decode(r["response_ids"], skip_special_tokens=True))[0] for env, r in zip(envs, responses)]
     assert answers[True] == answers[False]
     assert reused > 3 * 2 * 500  # turns 2 and 3 reuse most of each ~600-character conversation
+
+
+# ---- issue 15: nothing a model writes or a user types ends a run, corrupts a result or mixes two runs ----
+RAISE_ONCE = """import runpy, sys, envs
+real, calls = envs.{cls}.step, []
+def step(self, text):
+    calls.append(text)
+    if len(calls) == {n}:
+        raise RecursionError("maximum recursion depth exceeded (injected)")
+    return real(self, text)
+envs.{cls}.step = step
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_env_error_is_a_failed_step_not_the_end_of_the_run(tmp_path):
+    """env.step raises on the first answer of the rollout: that step gets the lowest reward and outcome ENV_ERROR,
+    its episode is reset, the answer is logged in full, and the run goes on to its end (detail #28)."""
+    out = run([sys.executable, "-c", RAISE_ONCE.format(cls="GeneralPointsEnv", n=1),
+               os.path.join(ROOT, "ppo_generalpoints.py"), *TINY, "--num-updates", "2"], tmp_path)
+    assert "env error on instance" in out.stdout and "RecursionError" in out.stdout
+    recs = records(tmp_path)
+    train = [r for r in recs if "losses/pg_loss" in r]
+    assert [r["update"] for r in train] == [1, 2]
+    assert train[0]["rollout/outcome/ENV_ERROR"] == 1 and train[1]["rollout/outcome/ENV_ERROR"] == 0
+    assert train[0]["rollout/episodes"] >= 1  # the failed episode ended (and was reset)
+    (sample,) = [r for r in recs if "env_error" in r]
+    assert sample["update"] == 1 and sample["reward"] == ppo.ENV_ERROR_REWARD == -3
+    assert sample["env_error"].startswith("RecursionError") and isinstance(sample["response"], str)
+    env = GeneralPointsEnv()  # the logged answer replays on a fresh env (the patched step was the only fault)
+    env.reset(seed=0)
+    env.step(sample["response"])
+
+
+def test_evaluate_survives_env_errors(tiny, monkeypatch):
+    """Evaluation with an env that raises on every answer: every episode is a failed one, no exception."""
+    agent, processor = tiny
+    tok = ppo.tokenizer_of(processor)
+
+    def broken(self, text):
+        raise ValueError("Exceeds the limit (4300 digits) for integer string conversion (injected)")
+
+    monkeypatch.setattr(GeneralPointsEnv, "step", broken)
+    args = ppo.Args(model_path="tiny", eval_episodes=2, eval_verify_iter=2)
+    gen_config = transformers.GenerationConfig(do_sample=False, max_new_tokens=4, eos_token_id=tok.eos_token_id,
+                                               pad_token_id=tok.pad_token_id)
+    metrics = ppo.evaluate(agent, processor, args, gen_config, "cpu", 0, 1, False)
+    assert metrics and all(v == 0 for v in metrics.values())
+
+
+def test_interrupted_resave_is_recovered(tiny, tmp_path, monkeypatch):
+    """A kill between the two renames of a re-save (update_XXXX -> .old, .tmp -> update_XXXX) leaves a complete copy
+    under update_XXXX.old; resuming renames it back. A kill after both renames leaves an .old that is deleted."""
+    agent, processor = tiny
+    optimizer = torch.optim.Adam(agent.parameters())
+    ckpts = tmp_path / "run" / "checkpoints"
+    path = str(ckpts / "update_0002")
+    os.makedirs(ckpts)
+    ppo.save_ppo_checkpoint(path, agent, processor, optimizer, {"step": 2, "copy": "first"}, {}, 0, 1, False)
+    complete = set(os.listdir(path))
+    assert {"model.safetensors", "value_head.pt", "optimizer.pt", "trainer_state.json", "rank0_state.pkl"} <= complete
+    real, calls = os.replace, []
+
+    def killed_at_second_rename(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_at_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        ppo.save_ppo_checkpoint(path, agent, processor, optimizer, {"step": 2, "copy": "second"}, {}, 0, 1, False)
+    monkeypatch.undo()
+    assert sorted(os.listdir(ckpts)) == ["update_0002.old", "update_0002.tmp"]
+    assert set(os.listdir(path + ".old")) == complete  # a complete copy at every moment
+    assert ppo.resolve_resume(str(tmp_path / "run")) == path  # --resume RUN renames it back
+    assert json.load(open(os.path.join(path, "trainer_state.json")))["copy"] == "first"
+    shutil.copytree(path, path + ".old")  # killed after both renames, before the old copy was deleted
+    assert ppo.resolve_resume(path) == path and not os.path.exists(path + ".old")
+    ppo.save_ppo_checkpoint(path, agent, processor, optimizer, {"step": 2, "copy": "third"}, {}, 0, 1, False)
+    assert sorted(os.listdir(ckpts)) == ["update_0002"]  # the next save clears the stale .tmp
+    assert json.load(open(os.path.join(path, "trainer_state.json")))["copy"] == "third"
+
+
+def test_save_refuses_non_finite_weights(tiny, tmp_path):
+    agent, processor = tiny
+    broken = ppo.Agent(copy.deepcopy(agent.policy))
+    with torch.no_grad():
+        broken.value_head.net[0].weight[0, 0] = float("inf")
+    with pytest.raises(SystemExit, match="not finite"):
+        ppo.save_ppo_checkpoint(str(tmp_path / "update_0001"), broken, processor, torch.optim.Adam(
+            broken.parameters()), {}, {}, 0, 1, False)
+    assert not os.listdir(tmp_path)
+
+
+def test_run_directories_are_never_shared(tmp_path, monkeypatch):
+    """Two runs with the same exp-name and seed started in the same second get two directories."""
+    monkeypatch.chdir(tmp_path)
+    first, second = ppo.new_run_dir("gp-l__x__1__123"), ppo.new_run_dir("gp-l__x__1__123")
+    assert (first, second) == (os.path.join("runs", "gp-l__x__1__123"), os.path.join("runs", "gp-l__x__1__123__2"))
+    assert ppo.flags_ignored_on_resume(["--resume", "r", "--num-updates=4", "--no-track", "--lr", "1", "--lr=2",
+                                        "--top_k", "3"]) == ["--lr", "--top-k"]

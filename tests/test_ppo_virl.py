@@ -26,6 +26,12 @@ def run(cmd: list, cwd, check=True, timeout=400):
     return out
 
 
+def same(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, (int, float)):
+        return b == pytest.approx(a, rel=1e-4, abs=1e-6, nan_ok=True)
+    return a == b
+
+
 def records(cwd, prefix: str) -> list:
     (run_dir,) = [d for d in (cwd / "runs").iterdir() if d.name.startswith(prefix)]
     return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
@@ -193,12 +199,15 @@ def test_e2e_virl_l_auto_sft_init_and_resume_continues_identically(tmp_path):
     (run_dir,) = [d for d in (tmp_path / "runs").iterdir() if d.name.startswith("virl-l__")]
     ckpt = run_dir / "checkpoints" / "update_0001"
     assert {"model.safetensors", "value_head.pt", "optimizer.pt", "trainer_state.json"} <= set(os.listdir(ckpt))
+    first = [r for r in records(tmp_path, "virl-l__") if "eval/id/step_accuracy" not in r or r["update"] < 2]
     run([sys.executable, script, "--resume", str(ckpt), "--num-updates", "2", "--eval-every", "0"], tmp_path)
-    recs2 = [r for r in records(tmp_path, "virl-l__") if "losses/pg_loss" in r]
-    assert [r["update"] for r in recs2] == [1, 2, 2]
-    for key in ("rollout/reward_mean", "rollout/logprob_mean", "rollout/value_mean", "losses/pg_loss",
-                "losses/v_loss", "compute/env_steps", "compute/tokens_trained"):
-        assert recs2[2][key] == pytest.approx(recs2[1][key], rel=1e-4, abs=1e-6), key
+    resumed = records(tmp_path, "virl-l__")  # update 2 again, without its evaluation: no duplicate rows
+    assert [r["update"] for r in resumed] == [r["update"] for r in first]
+    for a, b in zip(first, resumed):
+        assert a.keys() == b.keys()
+        for key in a:
+            if not key.startswith("charts/") or key == "charts/learning_rate":  # the rest are timings
+                assert same(a[key], b[key]), (a["update"], key, a[key], b[key])
 
 
 def test_e2e_virl_vl(tmp_path, world):
