@@ -108,6 +108,9 @@ class Args:
     kv_reuse: bool = True
     """text models: keep each episode's KV cache between turns and reuse the prompt prefix shared by episodes, so only
     new tokens are prefilled (detail #13); --no-kv-reuse re-encodes every conversation, as before"""
+    gen_chunk: int = 64
+    """with --kv-reuse: new tokens per generate() call; answers still unfinished continue in a smaller batch from
+    their cache, so one long answer does not keep all the others decoding (0 = one call of max_new_tokens)"""
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     """torch device"""
 
@@ -453,7 +456,7 @@ def chat_inputs(processor, conversations: list, images: Optional[list] = None, a
 
 class PrefixCache:
     """KV-cache reuse for batched generation with a text model: keeps the keys/values of the sequences it generated
-    last and, for each new prompt, prefills only what follows the longest prefix it shares with one of them: the
+    lately and, for each new prompt, prefills only what follows the longest prefix it shares with one of them: the
     conversation so far (cross-turn) or the system prompt and task template of another episode (shared prefix).
     Masks and the cumsum position ids of generate() skip the left pads, so every token sees the same context at the
     same position as in a plain forward over the whole prompt."""
@@ -500,7 +503,10 @@ class PrefixCache:
             input_ids[i, C + R - (len(x) - c):], attention_mask[i, C + R - (len(x) - c):] = torch.from_numpy(x[c:]), 1
         out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                   cache=cache, **generate_kwargs)
-        self.entries = []
+        # an entry that a new prompt extends entirely is superseded by it; the others stay (shared prefixes,
+        # episodes not in this call), the most recent 2B of them
+        superseded = {id(entry) for entry, c in matches if entry is not None and c == len(entry[0])}
+        self.entries = [entry for entry in self.entries if id(entry) not in superseded]
         for i, (x, (_, c)) in enumerate(zip(ids, matches)):
             response = out.sequences[i, C + R:].tolist()
             n = response.index(eos_id) + 1 if eos_id in response else len(response)
@@ -508,16 +514,18 @@ class PrefixCache:
             kv = [(layer.keys[i].index_select(1, keep), layer.values[i].index_select(1, keep))
                   for layer in cache.layers]  # per layer (H, T, D)
             self.entries.append((np.concatenate([x, np.asarray(response[:n - 1], dtype=x.dtype)]), kv))
+        self.entries = self.entries[-2 * B:]
         return out, C + R
 
 
 class ModelPolicy:
-    """The model-backed policy: chat template -> one batched generate() call per turn -> decoded answers. Text models
-    reuse the KV cache of the conversation so far and of the prompt prefix shared by all episodes (detail #13)."""
+    """The model-backed policy: chat template -> batched generate() -> decoded answers. Text models reuse the KV cache
+    of the conversation so far and of the prompt prefix shared by all episodes, and generate `chunk` tokens at a time
+    so that one long answer does not hold the whole batch (detail #13)."""
 
     def __init__(self, model, processor, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
-                 device: str, kv_reuse: bool = True):
-        self.model, self.processor, self.device = model.eval(), processor, device
+                 device: str, kv_reuse: bool = True, chunk: int = 64):
+        self.model, self.processor, self.device, self.chunk = model.eval(), processor, device, chunk
         self.gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, return_dict_in_generate=True)
         if temperature > 0:
             self.gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
@@ -533,9 +541,21 @@ class ModelPolicy:
             texts = [self.processor.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
                      for m, _ in batch]
             prompts = tok(texts, add_special_tokens=False)["input_ids"]
-            out, width = self.prefix_cache.generate(prompts, tok.pad_token_id, tok.eos_token_id, self.device,
-                                                    **self.gen_kwargs)
-            return tok.batch_decode(out.sequences[:, width:], skip_special_tokens=True)
+            answers, pending, left = [[] for _ in prompts], list(range(len(prompts))), self.gen_kwargs["max_new_tokens"]
+            while pending and left > 0:  # answers still unfinished after a chunk go on in a smaller batch (detail #13)
+                n = min(left, self.chunk) if self.chunk > 0 else left
+                out, width = self.prefix_cache.generate([prompts[i] + answers[i] for i in pending], tok.pad_token_id,
+                                                        tok.eos_token_id, self.device, **dict(self.gen_kwargs,
+                                                                                            max_new_tokens=n))
+                still = []
+                for row, i in enumerate(pending):
+                    new = out.sequences[row, width:].tolist()
+                    k = new.index(tok.eos_token_id) + 1 if tok.eos_token_id in new else len(new)
+                    answers[i] += new[:k]
+                    if k == n and new[k - 1] != tok.eos_token_id:
+                        still.append(i)
+                pending, left = still, left - n
+            return tok.batch_decode(answers, skip_special_tokens=True)
         inputs = chat_inputs(self.processor, [messages for messages, _ in batch],
                              images if images[0] is not None else None).to(self.device)
         out = self.model.generate(**inputs, **self.gen_kwargs)
@@ -773,7 +793,7 @@ def check_args(args: Args):
         (("gp_num_episodes", "virl_num_episodes", "virl_visual_ood_routes", "gp_verify_iter", "virl_verify_iter",
           "gp_target_points", "batch_size", "max_new_tokens", "bootstrap_samples", "gp_image_size", "virl_resolution"),
          lambda v: v >= 1, ">= 1"),
-        (("top_k", "seed"), lambda v: v >= 0, ">= 0"),
+        (("top_k", "seed", "gen_chunk"), lambda v: v >= 0, ">= 0"),
         (("temperature",), lambda v: 0 <= v < math.inf, ">= 0 (0 = greedy)"),
         (("log_every_s",), lambda v: 0 <= v < math.inf, ">= 0"),
         (("top_p",), lambda v: 0 < v <= 1, "in (0, 1]"),
@@ -958,7 +978,7 @@ if __name__ == "__main__":
                 if not weights_finite(model):
                     fail(f"checkpoint {c['path']!r}: its weights are not finite (NaN or inf); refusing to evaluate it")
                 policy = ModelPolicy(model.to(args.device), processor, args.max_new_tokens, args.temperature,
-                                     args.top_p, args.top_k, args.device, args.kv_reuse)
+                                     args.top_p, args.top_k, args.device, args.kv_reuse, args.gen_chunk)
                 for setting in settings:
                     torch.manual_seed(args.seed)
                     t0 = time.time()

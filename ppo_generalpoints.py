@@ -405,7 +405,7 @@ def encode_prompts(processor, observations: list[dict], task: str) -> list[dict]
 
 class PrefixCache:
     """KV-cache reuse for batched generation with a text model: keeps the keys/values of the sequences it generated
-    last and, for each new prompt, prefills only what follows the longest prefix it shares with one of them: the
+    lately and, for each new prompt, prefills only what follows the longest prefix it shares with one of them: the
     conversation so far (cross-turn) or the system prompt and task template of another episode (shared prefix).
     Masks and the cumsum position ids of generate() skip the left pads, so every token sees the same context at the
     same position as in a plain forward over the whole prompt."""
@@ -452,7 +452,10 @@ class PrefixCache:
             input_ids[i, C + R - (len(x) - c):], attention_mask[i, C + R - (len(x) - c):] = torch.from_numpy(x[c:]), 1
         out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                   cache=cache, **generate_kwargs)
-        self.entries = []
+        # an entry that a new prompt extends entirely is superseded by it; the others stay (shared prefixes,
+        # episodes not in this call), the most recent 2B of them
+        superseded = {id(entry) for entry, c in matches if entry is not None and c == len(entry[0])}
+        self.entries = [entry for entry in self.entries if id(entry) not in superseded]
         for i, (x, (_, c)) in enumerate(zip(ids, matches)):
             response = out.sequences[i, C + R:].tolist()
             n = response.index(eos_id) + 1 if eos_id in response else len(response)
@@ -460,6 +463,7 @@ class PrefixCache:
             kv = [(layer.keys[i].index_select(1, keep), layer.values[i].index_select(1, keep))
                   for layer in cache.layers]  # per layer (H, T, D)
             self.entries.append((np.concatenate([x, np.asarray(response[:n - 1], dtype=x.dtype)]), kv))
+        self.entries = self.entries[-2 * B:]
         return out, C + R
 
 
@@ -637,11 +641,17 @@ def safe_step(env, text: str, error_reward: float):
 RESUME_KEEPS = ("resume", "num_updates", "save_every", "eval_every", "track")  # what --resume takes from the CLI
 
 
-def flags_ignored_on_resume(argv: list) -> list:
-    """The flags in `argv` that a --resume run would ignore: it continues with the checkpoint's arguments."""
-    keep = {k.replace("_", "-") for k in RESUME_KEEPS} | {"no-track"}
-    flags = [a[2:].split("=", 1)[0].replace("_", "-") for a in argv if a.startswith("--") and len(a) > 2]
-    return list(dict.fromkeys("--" + f for f in flags if f not in keep))
+def resume_flags(argv: list) -> tuple:
+    """--resume continues with the arguments stored in its checkpoint -> (the RESUME_KEEPS fields given in `argv`,
+    which it applies; the other flags given, which it would ignore and so refuses)."""
+    applied, ignored = [], []
+    for a in argv:
+        if a.startswith("--") and len(a) > 2:
+            flag = a[2:].split("=", 1)[0].replace("_", "-")
+            name = flag.replace("-", "_")
+            name = name[3:] if name.startswith("no_") and name[3:] in RESUME_KEEPS else name  # --no-track
+            (applied if name in RESUME_KEEPS else ignored).append(name if name in RESUME_KEEPS else "--" + flag)
+    return list(dict.fromkeys(applied)), list(dict.fromkeys(ignored))
 
 
 def recover_checkpoints(ckpt_dir: str):
@@ -807,7 +817,7 @@ def check_args(args: Args):
 if __name__ == "__main__":
     args = tyro.cli(Args)
     check_args(args)
-    ignored = flags_ignored_on_resume(sys.argv[1:]) if args.resume else []
+    applied, ignored = resume_flags(sys.argv[1:]) if args.resume else ([], [])
     if ignored:  # detail #29
         fail(f"--resume continues the run with the arguments stored in its checkpoint and applies only "
              f"{', '.join('--' + k.replace('_', '-') for k in RESUME_KEEPS)}; leave out {' '.join(ignored)}")
@@ -827,7 +837,7 @@ if __name__ == "__main__":
         args.resume = resolve_resume(args.resume, rank, world_size)
         try:
             resume_state = json.load(open(os.path.join(args.resume, "trainer_state.json")))
-            keep = {k: getattr(args, k) for k in RESUME_KEEPS}
+            keep = {k: getattr(args, k) for k in applied}  # only what the command line gives
             for key, value in {**resume_state["args"], **keep}.items():  # the run continues with its own arguments
                 setattr(args, key, Official(**value) if key == "official" else value)
             resumed_update = int(resume_state["step"])
@@ -839,6 +849,10 @@ if __name__ == "__main__":
         run_dir = os.path.dirname(os.path.dirname(args.resume))  # RUN/checkpoints/update_XXXX -> RUN
         run_name = os.path.basename(run_dir)
         args.model_path = args.resume
+        if rank == 0:
+            print(f"resuming {run_name} after update {resumed_update} with its stored arguments"
+                  + "".join(f", --{k.replace('_', '-')} {getattr(args, k)}" for k in applied if k != "resume"),
+                  flush=True)
     args.world_size = world_size
     args.local_batch_size = args.num_envs * args.num_steps
     args.local_minibatch_size = exact_div(args.local_batch_size, args.num_minibatches,
@@ -884,6 +898,8 @@ if __name__ == "__main__":
     if not weights_finite(agent):  # detail #27
         fail(f"{args.model_path}: the checkpoint's weights are not finite (NaN or inf); refusing to train from it")
     d_init = args.d_init_tokens if args.d_init_tokens is not None else read_d_init(args.model_path)
+    if resume_state is not None:  # the run's own D_init; the resumed checkpoint's tokens_trained are D_RL so far
+        d_init = int(resume_state.get("d_init_tokens", 0))
     num_params = sum(p.numel() for p in agent.parameters())
     lp = dict(temperature=args.temperature, thought_prob_coef=args.thought_prob_coef,  # how log pi is computed
               bf16_logprob_sum=args.official.bf16_logprob_sum)

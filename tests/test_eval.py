@@ -401,13 +401,14 @@ def test_kv_reuse_gives_the_greedy_answers_of_a_plain_batch_with_refills():
     setting = ev.Setting("gp-l", "id", dict(treat_face_cards_as_10=True, ood=False, language_only=True,
                                             face_cards_color="mixed", split="all", verify_iter=2), 5, 3)
     answers = {}
-    for kv_reuse in (False, True):
-        policy = ev.ModelPolicy(model, tok, 12, 0.0, 1.0, 0, "cpu", kv_reuse=kv_reuse)
+    for kv_reuse, chunk in ((False, 0), (True, 64), (True, 5)):  # chunk 5: answers continue over 3 calls
+        policy = ev.ModelPolicy(model, tok, 12, 0.0, 1.0, 0, "cpu", kv_reuse=kv_reuse, chunk=chunk)
         episodes = ev.run_episodes(setting, policy, batch_size=2, log_every_s=1e9)
-        answers[kv_reuse] = [[t["response"] for t in e["turns"]] for e in episodes]
+        answers[kv_reuse, chunk] = [[t["response"] for t in e["turns"]] for e in episodes]
         if kv_reuse:
             assert policy.prefix_cache.entries  # it kept the KV of the last turn's sequences
-    assert answers[True] == answers[False] and sum(len(a) for a in answers[True]) == 5 * 3
+    assert answers[True, 64] == answers[False, 0] == answers[True, 5]
+    assert sum(len(a) for a in answers[False, 0]) == 5 * 3
 
 
 # ---- issue 15: an env error ends one episode, never the evaluation; labels that cannot collide ----

@@ -372,5 +372,5 @@ def test_run_directories_are_never_shared(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     first, second = ppo.new_run_dir("gp-l__x__1__123"), ppo.new_run_dir("gp-l__x__1__123")
     assert (first, second) == (os.path.join("runs", "gp-l__x__1__123"), os.path.join("runs", "gp-l__x__1__123__2"))
-    assert ppo.flags_ignored_on_resume(["--resume", "r", "--num-updates=4", "--no-track", "--lr", "1", "--lr=2",
-                                        "--top_k", "3"]) == ["--lr", "--top-k"]
+    assert ppo.resume_flags(["--resume", "r", "--num-updates=4", "--no-track", "--lr", "1", "--lr=2", "--top_k",
+                             "3"]) == (["resume", "num_updates", "track"], ["--lr", "--top-k"])

@@ -2,6 +2,7 @@
 CleanRL-style subprocess runs on a tiny model (virl-l with the auto SFT init and --resume, virl-vl, 2-process gloo)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -231,3 +232,75 @@ def test_two_process_gloo_fsdp(tmp_path, world):
     assert [r["update"] for r in recs if "eval/id/step_accuracy" in r] == [0, 1]
     (run_dir,) = list((tmp_path / "runs").iterdir())
     assert os.path.exists(run_dir / "checkpoints" / "update_0001" / "optimizer_rank1.pt")
+
+
+# ---- issue 15: an env error is a failed step; an interrupted SFT build is continued, not restarted ----
+RAISE_ONCE = """import runpy, sys, envs
+real, calls = envs.NavigationEnv.step, []
+def step(self, text):
+    calls.append(text)
+    if len(calls) == 1:
+        raise KeyError("injected")
+    return real(self, text)
+envs.NavigationEnv.step = step
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_env_error_is_a_failed_step_not_the_end_of_the_run(tmp_path, world):
+    out = run([sys.executable, "-c", RAISE_ONCE, os.path.join(ROOT, "ppo_virl.py"), "--model-path", "tiny", *TINY,
+               "--num-updates", "2", "--eval-every", "0", "--save-every", "0", *data_args(world)], tmp_path)
+    assert "env error on instance" in out.stdout and "KeyError" in out.stdout
+    recs = records(tmp_path, "virl-l__")
+    train = [r for r in recs if "losses/pg_loss" in r]
+    assert [r["update"] for r in train] == [1, 2]
+    assert train[0]["rollout/outcome/ENV_ERROR"] == 1 and train[1]["rollout/outcome/ENV_ERROR"] == 0
+    (sample,) = [r for r in recs if "env_error" in r]
+    assert sample["reward"] == ppo.ENV_ERROR_REWARD == -1.5 and sample["env_error"].startswith("KeyError")
+    assert isinstance(sample["response"], str) and sample["instance_id"]
+
+
+def test_evaluate_survives_env_errors(world, monkeypatch):
+    import transformers
+
+    model, tok = ppo.load_model("tiny", vl_task=False)
+    agent = ppo.Agent(model).eval()
+
+    def broken(self, text):
+        raise RecursionError("injected")
+
+    monkeypatch.setattr(NavigationEnv, "step", broken)
+    args = ppo.Args(model_path="tiny", eval_episodes=2, route_info_path=world["route_info_path"],
+                    gps_to_pano_path=world["gps_to_pano_path"], panorama_dir=world["panorama_dir"],
+                    heldout_route_info_path=world["heldout_route_info_path"])
+    gen_config = transformers.GenerationConfig(do_sample=False, max_new_tokens=4, eos_token_id=tok.eos_token_id,
+                                               pad_token_id=tok.pad_token_id)
+    metrics = ppo.evaluate(agent, tok, args, gen_config, "cpu", 0, 1, False)
+    assert metrics["eval/id/success_rate"] == 0 and metrics["eval/id/step_accuracy"] == 0
+    assert metrics["eval/id/steps_per_episode"] == 1  # one failed step ends the episode
+
+
+def test_interrupted_auto_sft_build_is_resumed(tmp_path, monkeypatch):
+    """runs/sft-virl-l-default without final/: continued with `sft.py --resume` (sft.py refuses to write into an
+    existing run directory otherwise); without any checkpoint to resume: one line; a lone final.old: renamed back."""
+    monkeypatch.chdir(tmp_path)
+    sft_args = "--model-path tiny --total-steps 2 --micro-batch-size 2 --eval-every 0 --save-every 1"
+    run_dir = tmp_path / "runs" / "sft-virl-l-default"
+    os.makedirs(run_dir)
+    with pytest.raises(SystemExit, match="saved nothing to resume"):
+        ppo.resolve_model_path(ppo.Args(init_sft_args=sft_args), distributed=False)
+    os.rmdir(run_dir)
+    run([sys.executable, os.path.join(ROOT, "sft.py"), "--task", "virl-l", "--run-name", "sft-virl-l-default",
+         *sft_args.split()], tmp_path)
+    shutil.rmtree(run_dir / "final")  # killed before its final save: step_1/ is there
+    first = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    assert ppo.resolve_model_path(ppo.Args(init_sft_args=sft_args), distributed=False) == \
+        os.path.join("runs", "sft-virl-l-default", "final")
+    assert json.load(open(run_dir / "final" / "trainer_state.json"))["step"] == 2
+    resumed = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    assert [r["step"] for r in resumed] == [r["step"] for r in first]  # step 2 again, no duplicate row
+    os.rename(run_dir / "final", run_dir / "final.old")  # killed between the renames of a re-save of final/
+    assert ppo.resolve_model_path(ppo.Args(init_fallback="error"), distributed=False) == \
+        os.path.join("runs", "sft-virl-l-default", "final")
+    assert (run_dir / "final" / "config.json").exists() and not (run_dir / "final.old").exists()
