@@ -482,6 +482,14 @@ class PrefixCache:
         response (but its last token) for the next call."""
         ids = [np.asarray(p) for p in prompts]
         matches = [self.match(x) for x in ids]
+        L = 0  # the prefix common to all prompts of this call (system prompt, task template): prefilled once
+        while len(ids) > 1 and all(len(x) > L + 1 and x[L] == ids[0][L] for x in ids):
+            L += 1
+        if L >= 8 and any(c < L for _, c in matches):
+            cache = transformers.DynamicCache(config=self.model.config)
+            self.model(input_ids=torch.from_numpy(ids[0][None, :L]).to(device), cache=cache, use_cache=True)
+            self.entries.append((ids[0][:L], [(layer.keys[0], layer.values[0]) for layer in cache.layers]))
+            matches = [self.match(x) for x in ids]
         B, C = len(ids), max(c for _, c in matches)
         R = max(len(x) - c for x, (_, c) in zip(ids, matches))
         input_ids = torch.full((B, C + R), pad_id, dtype=torch.long)  # layout per row: [pad, reused | pad, new]

@@ -38,7 +38,7 @@ class BenchArgs:
     max_new_tokens: int = 96
     """generation length of every scheme (the main job's PPO setting)"""
     schemes: tuple[str, ...] = ("batch-1", "before", "kv", "kv+lp")
-    """which schemes to run"""
+    """which schemes to run; `scheme@ENVSxTURNS` (e.g. kv+lp@16x1) overrides the episodes and turns of one scheme"""
     update_samples: int = 8
     """samples per update measurement (micro-batches of micro_batch_size)"""
     micro_batch_size: int = 4
@@ -80,7 +80,7 @@ def generate_before(agent, processor, prompts: list[dict], gen_config) -> list[d
     return out
 
 
-def rollout(agent, processor, args, envs, scheme: str) -> tuple:
+def rollout(agent, processor, args, envs, scheme: str, turns: int) -> tuple:
     """`turns` steps of every env; returns (env steps, wall seconds, CPU seconds of this process, samples)."""
     tok = ppo.tokenizer_of(processor)
     gen_config = ppo.transformers.GenerationConfig(
@@ -91,7 +91,7 @@ def rollout(agent, processor, args, envs, scheme: str) -> tuple:
     prefix_cache = ppo.PrefixCache(agent.policy) if scheme.startswith("kv") else None
     samples, start, cpu_start = [], time.time(), time.process_time()
     groups = [[i] for i in range(len(envs))] if scheme == "batch-1" else [list(range(len(envs)))]
-    for _ in range(bench.turns):
+    for _ in range(turns):
         for group in groups:
             prompts = ppo.encode_prompts(processor, [obs[i] for i in group], "gp-l")
             if scheme in ("batch-1", "before"):
@@ -112,7 +112,7 @@ def rollout(agent, processor, args, envs, scheme: str) -> tuple:
                 if terminated or truncated:
                     obs[i], _ = envs[i].reset()
             samples += batch
-    return len(envs) * bench.turns, time.time() - start, time.process_time() - cpu_start, samples
+    return len(envs) * turns, time.time() - start, time.process_time() - cpu_start, samples
 
 
 if __name__ == "__main__":
@@ -124,22 +124,27 @@ if __name__ == "__main__":
     print(f"model {bench.model_path}: {sum(p.numel() for p in agent.parameters()) / 1e6:.1f}M params, "
           f"{torch.get_num_threads()} threads, max_new_tokens {bench.max_new_tokens}, {bench.turns} turns", flush=True)
     rates, samples = {}, []
-    for scheme in bench.schemes:
-        n = bench.batch1_envs if scheme == "batch-1" else bench.num_envs
+    for name in bench.schemes:
+        scheme, _, size = name.partition("@")
+        n, turns = map(int, size.split("x")) if size else (bench.batch1_envs if scheme == "batch-1" else bench.num_envs,
+                                                           bench.turns)
         torch.manual_seed(bench.seed)
-        steps, wall, cpu, got = rollout(agent, processor, args, [ppo.make_env(args, None) for _ in range(n)], scheme)
+        steps, wall, cpu, got = rollout(agent, processor, args, [ppo.make_env(args, None) for _ in range(n)], scheme,
+                                        turns)
         samples = samples or got
-        rates[scheme] = (steps / wall, steps / cpu, wall, cpu)
-        print(f"ROLLOUT {scheme} ({n} episodes): {steps} env steps in {wall:.1f} s wall, {cpu:.1f} s CPU = "
-              f"{steps / wall:.3f} steps/s wall, {steps / cpu:.3f} per CPU-second", flush=True)
-    for a, b in (("kv", "batch-1"), ("kv+lp", "batch-1"), ("kv", "before"), ("kv+lp", "before")):
-        if a in rates and b in rates:
+        rates[name] = (steps / wall, steps / cpu, wall, cpu)
+        print(f"ROLLOUT {name} ({n} episodes x {turns} turns): {steps} env steps in {wall:.1f} s wall, {cpu:.1f} s "
+              f"CPU = {steps / wall:.3f} steps/s wall, {steps / cpu:.3f} per CPU-second", flush=True)
+    base = [b for b in rates if b.startswith(("before", "batch-1"))]
+    for a in [a for a in rates if a.startswith("kv")]:
+        for b in base:  # time per env step of a relative to b (an update of the same size costs this fraction)
             print(f"ROLLOUT ratio {a} / {b}: {rates[a][0] / rates[b][0]:.2f}x wall, {rates[a][1] / rates[b][1]:.2f}x "
-                  f"CPU time (time per update: {rates[b][0] / rates[a][0]:.0%} of {b})", flush=True)
+                  f"CPU time (time per env step: {rates[b][0] / rates[a][0]:.0%} wall, {rates[b][1] / rates[a][1]:.0%} "
+                  f"CPU of {b})", flush=True)
 
     tok = ppo.tokenizer_of(processor)
-    if "kv+lp" in rates:  # how close the sampling-pass log-probs and values are to the scoring forward (detail #26)
-        got = rollout(agent, processor, args, [ppo.make_env(args, None) for _ in range(8)], "kv+lp")[3]
+    if any(r.startswith("kv+lp") for r in rates):  # how close the sampling-pass log-probs and values are to the scoring forward (detail #26)
+        got = rollout(agent, processor, args, [ppo.make_env(args, None) for _ in range(8)], "kv+lp", 2)[3]
         worst_token, worst_seq, worst_value = 0.0, 0.0, 0.0
         for s in got:
             b = ppo.collate([s], tok.pad_token_id, "cpu")
