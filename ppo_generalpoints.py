@@ -219,7 +219,8 @@ class Args:
     save_every: int = 1
     """save a checkpoint every N updates (and after the last); 0 = only after the last"""
     resume: Optional[str] = None
-    """a checkpoint directory (runs/<run>/checkpoints/update_XXXX) to continue from"""
+    """a checkpoint (runs/<run>/checkpoints/update_XXXX) or a run directory (its latest update) to continue; only
+    --num-updates, --save-every, --eval-every, --track may be given with it (detail #29)"""
 
     # to be filled in runtime
     local_batch_size: tyro.conf.Suppress[int] = 0
@@ -431,6 +432,14 @@ class PrefixCache:
         response (but its last token) for the next call."""
         ids = [np.asarray(p) for p in prompts]
         matches = [self.match(x) for x in ids]
+        L = 0  # the prefix common to all prompts of this call (system prompt, task template): prefilled once
+        while len(ids) > 1 and all(len(x) > L + 1 and x[L] == ids[0][L] for x in ids):
+            L += 1
+        if L >= 8 and any(c < L for _, c in matches):
+            cache = transformers.DynamicCache(config=self.model.config)
+            self.model(input_ids=torch.from_numpy(ids[0][None, :L]).to(device), cache=cache, use_cache=True)
+            self.entries.append((ids[0][:L], [(layer.keys[0], layer.values[0]) for layer in cache.layers]))
+            matches = [self.match(x) for x in ids]
         B, C = len(ids), max(c for _, c in matches)
         R = max(len(x) - c for x, (_, c) in zip(ids, matches))
         input_ids = torch.full((B, C + R), pad_id, dtype=torch.long)  # layout per row: [pad, reused | pad, new]
@@ -853,6 +862,7 @@ if __name__ == "__main__":
             print(f"resuming {run_name} after update {resumed_update} with its stored arguments"
                   + "".join(f", --{k.replace('_', '-')} {getattr(args, k)}" for k in applied if k != "resume"),
                   flush=True)
+    fsdp = distributed and args.dist == "fsdp"  # again: --resume continues with the stored --dist
     args.world_size = world_size
     args.local_batch_size = args.num_envs * args.num_steps
     args.local_minibatch_size = exact_div(args.local_batch_size, args.num_minibatches,

@@ -234,6 +234,11 @@ def test_two_process_gloo_fsdp(tmp_path):
     assert rec["compute/env_steps"] == 4 and rec["losses/first_minibatch_approx_kl"] < 1e-6
     (run_dir,) = list((tmp_path / "runs").iterdir())
     assert os.path.exists(run_dir / "checkpoints" / "update_0001" / "optimizer_rank1.pt")
+    # --resume RUN under torchrun continues with the stored --dist fsdp (its optimizer shards)
+    run(["torchrun", "--standalone", "--nproc_per_node", "2", os.path.join(ROOT, "ppo_generalpoints.py"),
+         "--resume", str(run_dir), "--num-updates", "2"], tmp_path)
+    assert [r["update"] for r in records(tmp_path) if "losses/pg_loss" in r] == [1, 2]
+    assert os.path.exists(run_dir / "checkpoints" / "update_0002" / "optimizer_rank1.pt")
 
 
 def test_kv_reuse_across_turns_samples_the_same_tokens_and_logprobs_from_sampling_match(tiny):
