@@ -14,8 +14,8 @@ TAG=${TAG:-gp-l}                             # run-name prefix
 INIT_STEPS=${INIT_STEPS:-30}                 # SFT steps (x8 examples) of the initial checkpoint
 LR=${LR:-1e-5}                               # the shared learning rate of both arms (paper: one LR per experiment)
 PPO_UPDATES=${PPO_UPDATES:-2}
-PPO_ENVS=${PPO_ENVS:-8}
-PPO_STEPS=${PPO_STEPS:-2}
+PPO_ENVS=${PPO_ENVS:-16}  # 16 x 1 = the 16 samples per update of the earlier 8 x 2, with half the sequential
+PPO_STEPS=${PPO_STEPS:-1}  # generate calls (benchmarks/bench_rollout.py: 44% of the earlier rollout time per step)
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-96}
 EVAL_EPISODES=${EVAL_EPISODES:-32}
 EXTRA_SFT=${EXTRA_SFT:-}                     # extra flags for every sft.py call (tests: tiny settings)
@@ -33,7 +33,7 @@ fi
 echo "== 2. RL arm: ppo_generalpoints.py from $INIT"
 python ppo_generalpoints.py --task gp-l --model-path "$INIT" --exp-name "$TAG-rl-arm" --lr "$LR" \
   --num-updates "$PPO_UPDATES" --num-envs "$PPO_ENVS" --num-steps "$PPO_STEPS" --max-new-tokens "$MAX_NEW_TOKENS" \
-  --eval-every 0 --save-every "$PPO_UPDATES" $EXTRA_PPO
+  --eval-every 0 --save-every "$PPO_UPDATES" --logprobs-from-sampling $EXTRA_PPO
 RL_RUN=$(ls -dt runs/gp-l__"$TAG"-rl-arm__* | head -1)
 RL_CKPT=$(ls -d "$RL_RUN"/checkpoints/update_* | sort | tail -1)
 
