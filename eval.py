@@ -454,6 +454,7 @@ def chat_inputs(processor, conversations: list, images: Optional[list] = None, a
     return tok(texts, padding=True, add_special_tokens=False, return_tensors="pt")
 
 
+# ---- copied block "prefix-cache": identical in eval.py, ppo_generalpoints.py and ppo_virl.py (tests/test_copies.py) ----
 class PrefixCache:
     """KV-cache reuse for batched generation with a text model: keeps the keys/values of the sequences it generated
     lately and, for each new prompt, prefills only what follows the longest prefix it shares with one of them: the
@@ -524,6 +525,7 @@ class PrefixCache:
             self.entries.append((np.concatenate([x, np.asarray(response[:n - 1], dtype=x.dtype)]), kv))
         self.entries = self.entries[-2 * B:]
         return out, C + R
+# ---- end copied block "prefix-cache" ----
 
 
 class ModelPolicy:

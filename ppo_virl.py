@@ -272,6 +272,80 @@ ANSWER_KEY = '"action"'  # the CoT ends where the last `"action"` key begins (de
 ENV_ERROR_REWARD = REWARD_FN_VIRL["INCORRECT_OBS"]  # -1.5, the lowest reward the verifier gives (detail #28)
 
 
+# ---- copied block "prefix-cache": identical in eval.py, ppo_generalpoints.py and ppo_virl.py (tests/test_copies.py) ----
+class PrefixCache:
+    """KV-cache reuse for batched generation with a text model: keeps the keys/values of the sequences it generated
+    lately and, for each new prompt, prefills only what follows the longest prefix it shares with one of them: the
+    conversation so far (cross-turn) or the system prompt and task template of another episode (shared prefix).
+    Masks and the cumsum position ids of generate() skip the left pads, so every token sees the same context at the
+    same position as in a plain forward over the whole prompt."""
+
+    def __init__(self, model):
+        self.model, self.entries = model, []  # entries: (token ids (T,), [(keys, values) per layer, each (H, T, D)])
+
+    def match(self, ids: np.ndarray) -> tuple:
+        """(entry, length) of the longest common prefix with a stored sequence, leaving >= 1 token to feed."""
+        best = (None, 0)
+        for entry in self.entries:
+            n = min(len(entry[0]), len(ids) - 1)
+            if n > best[1]:
+                diff = np.flatnonzero(entry[0][:n] != ids[:n])
+                common = int(diff[0]) if len(diff) else n
+                best = (entry, common) if common > best[1] else best
+        return best
+
+    @torch.no_grad()
+    def generate(self, prompts: list, pad_id: int, eos_id: int, device, **generate_kwargs):
+        """prompts: token-id lists -> (model.generate's output (generate_kwargs must ask for return_dict_in_generate),
+        W): sequences (B, W + new tokens), the first W columns the left-padded prompts. Stores the KV of every prompt +
+        response (but its last token) for the next call."""
+        ids = [np.asarray(p) for p in prompts]
+        matches = [self.match(x) for x in ids]
+        L = 0  # the prefix common to all prompts of this call (system prompt, task template): prefilled once
+        while len(ids) > 1 and all(len(x) > L + 1 and x[L] == ids[0][L] for x in ids):
+            L += 1
+        if L >= 8 and any(c < L for _, c in matches):
+            cache = transformers.DynamicCache(config=self.model.config)
+            self.model(input_ids=torch.from_numpy(ids[0][None, :L]).to(device), cache=cache, use_cache=True)
+            self.entries.append((ids[0][:L], [(layer.keys[0], layer.values[0]) for layer in cache.layers]))
+            matches = [self.match(x) for x in ids]
+        B, C = len(ids), max(c for _, c in matches)
+        R = max(len(x) - c for x, (_, c) in zip(ids, matches))
+        input_ids = torch.full((B, C + R), pad_id, dtype=torch.long)  # layout per row: [pad, reused | pad, new]
+        attention_mask = torch.zeros((B, C + R), dtype=torch.long)
+        layers = None
+        if C > 0:
+            layers = []
+            for l in range(len(self.entries[0][1])):
+                k0 = self.entries[0][1][l][0]
+                keys = k0.new_zeros((B, k0.shape[0], C, k0.shape[2]))  # (B, H, C, D)
+                values = torch.zeros_like(keys)
+                for i, (entry, c) in enumerate(matches):
+                    if c:
+                        keys[i, :, C - c:], values[i, :, C - c:] = entry[1][l][0][:, :c], entry[1][l][1][:, :c]
+                layers.append((keys.to(device), values.to(device)))
+        cache = transformers.DynamicCache(layers, config=self.model.config)
+        for i, (x, (_, c)) in enumerate(zip(ids, matches)):
+            input_ids[i, C - c:C], attention_mask[i, C - c:C] = torch.from_numpy(x[:c]), 1
+            input_ids[i, C + R - (len(x) - c):], attention_mask[i, C + R - (len(x) - c):] = torch.from_numpy(x[c:]), 1
+        out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                  cache=cache, **generate_kwargs)
+        # an entry that a new prompt extends entirely is superseded by it; the others stay (shared prefixes,
+        # episodes not in this call), the most recent 2B of them
+        superseded = {id(entry) for entry, c in matches if entry is not None and c == len(entry[0])}
+        self.entries = [entry for entry in self.entries if id(entry) not in superseded]
+        for i, (x, (_, c)) in enumerate(zip(ids, matches)):
+            response = out.sequences[i, C + R:].tolist()
+            n = response.index(eos_id) + 1 if eos_id in response else len(response)
+            keep = torch.cat([torch.arange(C - c, C), torch.arange(C + R - (len(x) - c), C + R + n - 1)]).to(device)
+            kv = [(layer.keys[i].index_select(1, keep), layer.values[i].index_select(1, keep))
+                  for layer in cache.layers]  # per layer (H, T, D)
+            self.entries.append((np.concatenate([x, np.asarray(response[:n - 1], dtype=x.dtype)]), kv))
+        self.entries = self.entries[-2 * B:]
+        return out, C + R
+# ---- end copied block "prefix-cache" ----
+
+
 # ---- copied block "ppo": identical in ppo_generalpoints.py and ppo_virl.py (tests/test_copies.py) ----
 def fail(msg: str):
     """Stop with one clear line and exit status 1, no traceback (detail #27)."""
@@ -437,78 +511,6 @@ def encode_prompts(processor, observations: list[dict], task: str) -> list[dict]
         extra = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask") and torch.is_tensor(v)}
         samples.append(dict(prompt_ids=enc["input_ids"][0].tolist(), extra=extra))  # (T,) + {key: (1, ...)}
     return samples
-
-
-class PrefixCache:
-    """KV-cache reuse for batched generation with a text model: keeps the keys/values of the sequences it generated
-    lately and, for each new prompt, prefills only what follows the longest prefix it shares with one of them: the
-    conversation so far (cross-turn) or the system prompt and task template of another episode (shared prefix).
-    Masks and the cumsum position ids of generate() skip the left pads, so every token sees the same context at the
-    same position as in a plain forward over the whole prompt."""
-
-    def __init__(self, model):
-        self.model, self.entries = model, []  # entries: (token ids (T,), [(keys, values) per layer, each (H, T, D)])
-
-    def match(self, ids: np.ndarray) -> tuple:
-        """(entry, length) of the longest common prefix with a stored sequence, leaving >= 1 token to feed."""
-        best = (None, 0)
-        for entry in self.entries:
-            n = min(len(entry[0]), len(ids) - 1)
-            if n > best[1]:
-                diff = np.flatnonzero(entry[0][:n] != ids[:n])
-                common = int(diff[0]) if len(diff) else n
-                best = (entry, common) if common > best[1] else best
-        return best
-
-    @torch.no_grad()
-    def generate(self, prompts: list, pad_id: int, eos_id: int, device, **generate_kwargs):
-        """prompts: token-id lists -> (model.generate's output (generate_kwargs must ask for return_dict_in_generate),
-        W): sequences (B, W + new tokens), the first W columns the left-padded prompts. Stores the KV of every prompt +
-        response (but its last token) for the next call."""
-        ids = [np.asarray(p) for p in prompts]
-        matches = [self.match(x) for x in ids]
-        L = 0  # the prefix common to all prompts of this call (system prompt, task template): prefilled once
-        while len(ids) > 1 and all(len(x) > L + 1 and x[L] == ids[0][L] for x in ids):
-            L += 1
-        if L >= 8 and any(c < L for _, c in matches):
-            cache = transformers.DynamicCache(config=self.model.config)
-            self.model(input_ids=torch.from_numpy(ids[0][None, :L]).to(device), cache=cache, use_cache=True)
-            self.entries.append((ids[0][:L], [(layer.keys[0], layer.values[0]) for layer in cache.layers]))
-            matches = [self.match(x) for x in ids]
-        B, C = len(ids), max(c for _, c in matches)
-        R = max(len(x) - c for x, (_, c) in zip(ids, matches))
-        input_ids = torch.full((B, C + R), pad_id, dtype=torch.long)  # layout per row: [pad, reused | pad, new]
-        attention_mask = torch.zeros((B, C + R), dtype=torch.long)
-        layers = None
-        if C > 0:
-            layers = []
-            for l in range(len(self.entries[0][1])):
-                k0 = self.entries[0][1][l][0]
-                keys = k0.new_zeros((B, k0.shape[0], C, k0.shape[2]))  # (B, H, C, D)
-                values = torch.zeros_like(keys)
-                for i, (entry, c) in enumerate(matches):
-                    if c:
-                        keys[i, :, C - c:], values[i, :, C - c:] = entry[1][l][0][:, :c], entry[1][l][1][:, :c]
-                layers.append((keys.to(device), values.to(device)))
-        cache = transformers.DynamicCache(layers, config=self.model.config)
-        for i, (x, (_, c)) in enumerate(zip(ids, matches)):
-            input_ids[i, C - c:C], attention_mask[i, C - c:C] = torch.from_numpy(x[:c]), 1
-            input_ids[i, C + R - (len(x) - c):], attention_mask[i, C + R - (len(x) - c):] = torch.from_numpy(x[c:]), 1
-        out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                  cache=cache, **generate_kwargs)
-        # an entry that a new prompt extends entirely is superseded by it; the others stay (shared prefixes,
-        # episodes not in this call), the most recent 2B of them
-        superseded = {id(entry) for entry, c in matches if entry is not None and c == len(entry[0])}
-        self.entries = [entry for entry in self.entries if id(entry) not in superseded]
-        for i, (x, (_, c)) in enumerate(zip(ids, matches)):
-            response = out.sequences[i, C + R:].tolist()
-            n = response.index(eos_id) + 1 if eos_id in response else len(response)
-            keep = torch.cat([torch.arange(C - c, C), torch.arange(C + R - (len(x) - c), C + R + n - 1)]).to(device)
-            kv = [(layer.keys[i].index_select(1, keep), layer.values[i].index_select(1, keep))
-                  for layer in cache.layers]  # per layer (H, T, D)
-            self.entries.append((np.concatenate([x, np.asarray(response[:n - 1], dtype=x.dtype)]), kv))
-        self.entries = self.entries[-2 * B:]
-        return out, C + R
 
 
 @torch.no_grad()

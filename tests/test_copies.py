@@ -31,7 +31,7 @@ def blocks() -> dict:
 
 def test_every_copied_block_is_identical_in_the_files_it_names():
     found = blocks()
-    assert {"models", "ppo"} <= set(found)
+    assert {"models", "ppo", "prefix-cache"} <= set(found)
     for block, where in found.items():
         (declared,) = {files for files, _ in where.values()}  # every copy names the same files
         assert set(where) == set(declared), f"block {block!r} should be in {declared}, found in {sorted(where)}"
