@@ -65,12 +65,10 @@ def generate_before(agent, processor, prompts: list[dict], gen_config) -> list[d
     if len(ids) > 1 and L >= 8:
         policy(input_ids=torch.tensor([ids[0][:L]]), cache=cache, use_cache=True)
         cache.batch_repeat_interleave(len(ids))
-    else:
-        input_ids, attention_mask = ppo.collate([dict(prompt_ids=x, response_ids=[], cot_mask=[], answer_mask=[],
-                                                      extra={}) for x in ids], tok.pad_token_id, "cpu")["input_ids"], None
-    if attention_mask is None:
-        attention_mask = (torch.arange(input_ids.shape[1])[None] >= input_ids.shape[1] - torch.tensor(
-            [len(x) for x in ids])[:, None]).long()
+    else:  # batch 1 or no common prefix: a plain left-padded batch
+        batch = ppo.collate([dict(prompt_ids=x, response_ids=[], cot_mask=[], answer_mask=[], extra={}) for x in ids],
+                            tok.pad_token_id, "cpu")
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     sequences = policy.generate(input_ids=input_ids, attention_mask=attention_mask, cache=cache,
                                 generation_config=gen_config)
     out = []
