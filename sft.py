@@ -725,5 +725,6 @@ if __name__ == "__main__":
     if rank == 0:
         writer.close()
         metrics_file.close()
-    if distributed:
+    if distributed:  # every rank past its last collective before the process group goes (a rank tearing down
+        torch.distributed.barrier()  # gloo while the other still talked to it aborted once in CI)
         torch.distributed.destroy_process_group()
