@@ -1132,6 +1132,57 @@ class NavigationEnv:
         return messages + [{"role": "assistant", "content": answer}]
 
 
+# ---- Probes: measures that move when success does not (issue 17) ----
+# Pure functions of one answer and what the env states in its prompt; they parse as the verifier does (re_match,
+# robust_str_to_list, evaluate: no eval(), linear time) and never change a reward. None = not measurable here.
+GP_DISTANCE_CAP = 100  # |value - target| above this counts as this, so one wild formula cannot swamp a mean
+
+
+def gp_probes(response_text: str, cards: list[str], target: int = 24, face_cards_as_10: bool = True) -> dict:
+    """GP probes of one answer. `cards`: the hand's names ('A', '2'..'10', 'J', 'Q', 'K'; info["cards"]);
+    face_cards_as_10: the rule stated in the prompt (True: J/Q/K count as 10 (ID); False: as 11/12/13 (rule OOD)).
+    parsable: the "formula" field (cut at '=') is a well-formed expression of numbers and + - * / ( ).
+    numbers_follow_stated_rule / numbers_follow_other_rule: the "number" list, as a multiset, equals the hand's values
+      under the stated / the other rule (None when the list is not 4 integers; other_rule also None when the hand has
+      no J/Q/K, where the rules agree): the memorisation probe.
+    cards_used_once: the formula's numbers are the hand's values under the stated rule, each once (None: unparsable).
+    target_distance: min(|value - target|, GP_DISTANCE_CAP) (None: unparsable or division by zero)."""
+    ranks = [{"A": 1, "J": 11, "Q": 12, "K": 13}.get(c) or int(c) for c in cards]
+    stated, other = ([[min(r, 10) for r in ranks], ranks])[:: 1 if face_cards_as_10 else -1]
+    raw = re_match(response_text, "number")
+    items = robust_str_to_list(raw if isinstance(raw, str) else ", ".join(map(str, raw)) if isinstance(raw, list)
+                               else "")
+    numbers = sorted(int(x) for x in items) if items and all(x.isdigit() and x.isascii() for x in items) else None
+    formula = parse_formula(response_text)
+    tokens = _TOKEN_RE.findall(formula)
+    value = None
+    try:
+        value = evaluate(tokens) if "".join(tokens) == formula else None
+        parsable = value is not None
+    except ValueError:
+        parsable = False
+    except ZeroDivisionError:
+        parsable = True
+    return {"parsable": parsable,
+            "numbers_follow_stated_rule": None if numbers is None else numbers == sorted(stated),
+            "numbers_follow_other_rule": None if numbers is None or stated == other else numbers == sorted(other),
+            "cards_used_once": Counter(int(t) for t in tokens if t.isdigit()) == Counter(stated) if parsable else None,
+            "target_distance": None if value is None else float(min(abs(value - target), GP_DISTANCE_CAP))}
+
+
+def virl_probes(response_text: str, gt_action: str, absolute_action: bool = True) -> dict:
+    """V-IRL probes of one verified step. absolute_action: the action space stated in the prompt (True: the 8 compass
+    directions (ID); False: left/right/slightly left/slightly right (rule OOD)); forward() and stop() are in both.
+    action_correct: the action is the gold action (the verifier's test: per-step accuracy).
+    action_in_stated_space / action_in_other_space: the action is one of the stated space's actions / a turn of the
+    other space only (the memorisation probe)."""
+    words = (VIRL_DIRECTIONS_ABS, VIRL_DIRECTIONS_REL)[:: 1 if absolute_action else -1]
+    stated, other = ({"forward()", "stop()"} | {f"turn_direction({w})" for w in ws} for ws in words)
+    action = virl_re_match(response_text, "action")
+    return {"action_correct": action == gt_action, "action_in_stated_space": action in stated,
+            "action_in_other_space": action in other - stated}
+
+
 if __name__ == "__main__":  # play one episode in the terminal
     p = argparse.ArgumentParser(description="Play one episode: type a GP formula such as (1+2)*8, a V-IRL action "
                                 "such as forward() or turn_direction(north), or a whole answer block; empty line quits")

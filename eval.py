@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from statistics import NormalDist
 from typing import Annotated, Callable, Literal, Optional
 
@@ -114,6 +115,26 @@ class Args:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     """torch device"""
 
+    # An API model (official evaluation/evaluator/api_evaluator.py, detail #15) and resuming
+    api_base: Optional[str] = None
+    """an OpenAI-compatible server (e.g. http://127.0.0.1:8080/v1) whose --api-model is evaluated as one more column
+    `api:<model>`, next to any --model-path (paired tests included); the key comes from --api-key-env, never a flag"""
+    api_model: Optional[str] = None
+    """the model name the server serves (official default gpt-4o)"""
+    api_key_env: str = "OPENAI_API_KEY"
+    """the environment variable holding the API key (set it to any value for a server without keys)"""
+    api_concurrency: int = 8
+    """requests in flight at once (a thread pool over the --batch-size episodes of a turn)"""
+    api_retries: int = 6
+    """retries of a request after a transient error (connection error, timeout, HTTP 429, 5xx)"""
+    api_backoff_s: float = 1.0
+    """the first retry waits this long; each further retry twice as long (at most 60 s)"""
+    api_timeout_s: float = 120.0
+    """seconds before a request counts as timed out (a transient error)"""
+    resume: bool = False
+    """continue the interrupted run in --output-dir: episodes already in its episodes.jsonl are kept, not run again
+    (a last line cut short is dropped); the rest are appended. Give the same command again"""
+
     # Statistics and reporting
     bootstrap_samples: int = 10000
     """paired bootstrap resamples for the difference between two checkpoints"""
@@ -162,8 +183,11 @@ def mcnemar_exact(b: int, c: int) -> float:
 
 def paired_bootstrap(num_a, den_a, num_b, den_b, samples: int = 10000, seed: int = 0) -> tuple[float, float, float]:
     """Difference B - A of ratio metrics sum(num)/sum(den) over the same episodes; resamples episodes (pairs) with
-    replacement. Success: num = success, den = 1. Per-step accuracy: num = correct steps, den = steps.
+    replacement. Success: num = success, den = 1. Per-step accuracy: num = correct steps, den = steps; den = 0: not
+    measurable in that episode. num_a = den_a = None: B's own value and interval (one sample).
     Returns (observed difference, 2.5 %, 97.5 % percentile)."""
+    if num_a is None:
+        num_a, den_a = np.zeros(len(num_b)), np.ones(len(num_b))
     num_a, den_a, num_b, den_b = (np.asarray(x, dtype=np.float64) for x in (num_a, den_a, num_b, den_b))
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(num_a), size=(samples, len(num_a)))  # (S, n)
@@ -174,15 +198,51 @@ def paired_bootstrap(num_a, den_a, num_b, den_b, samples: int = 10000, seed: int
     return float(observed), float(lo), float(hi)
 
 
-def minimum_detectable_effect(n: int, p_discordant: Optional[float] = None, p_base: Optional[float] = None,
-                              alpha: float = 0.05, power: float = 0.8) -> float:
-    """Smallest difference detectable with the given power at two-sided level alpha on n episodes (normal approx.).
-    Paired (McNemar): (z_a + z_b) * sqrt(p_discordant / n). Unpaired (two samples of n at rate p_base):
-    (z_a + z_b) * sqrt(2 p (1 - p) / n)."""
-    z = NormalDist().inv_cdf(1 - alpha / 2) + NormalDist().inv_cdf(power)
-    if p_discordant is not None:
-        return z * math.sqrt(p_discordant / n)
-    return z * math.sqrt(2 * p_base * (1 - p_base) / n)
+@lru_cache(maxsize=32)
+def _rejects(n: int, paired: bool, alpha: float) -> np.ndarray:
+    """(n+1, n+1) bool: the outcomes (x, y) where the two-sided exact test rejects at level alpha. Paired: x, y = pairs
+    solved only by A / only by B, exact McNemar (x given x + y = t is Binomial(t, 1/2)); unpaired: x, y = successes of
+    A / B out of n each, Fisher's exact test (x given x + y = t is hypergeometric). p = P(outcomes no likelier)."""
+    lf = np.cumsum(np.log(np.maximum(np.arange(2 * n + 1), 1)))  # log k!, k = 0..2n
+    out = np.zeros((n + 1, n + 1), dtype=bool)
+    for t in range(n + 1 if paired else 2 * n + 1):
+        xs = np.arange(max(0, t - n), min(t, n) + 1)
+        logp = (lf[t] - lf[xs] - lf[t - xs] - t * math.log(2)) if paired else \
+            (2 * lf[n] - lf[xs] - lf[n - xs] - lf[t - xs] - lf[n - t + xs] - lf[2 * n] + lf[t] + lf[2 * n - t])
+        p = np.exp(logp)
+        ordered = np.sort(p)
+        out[xs, t - xs] = np.cumsum(ordered)[np.searchsorted(ordered, p * (1 + 1e-7), side="right") - 1] <= alpha
+    return out
+
+
+def exact_power(n: int, p_a: float, p_b: float, paired: bool = True, alpha: float = 0.05) -> float:
+    """Power of the two-sided exact test at level alpha, every outcome enumerated (_rejects). paired: McNemar on n
+    pairs, each solved only by A with probability p_a, only by B with p_b (trinomial); unpaired: Fisher on two samples
+    of n episodes with success rates p_a and p_b (two binomials)."""
+    x, y = np.meshgrid(np.arange(n + 1), np.arange(n + 1), indexing="ij")  # (n+1, n+1)
+    lf = np.cumsum(np.log(np.maximum(np.arange(n + 1), 1)))
+    xlogp = lambda k, q: np.where(k == 0, 0.0, k * math.log(q) if q > 0 else -np.inf)  # noqa: E731  0 log 0 = 0
+    if paired:
+        rest = np.maximum(n - x - y, 0)
+        logp = lf[n] - lf[x] - lf[y] - lf[rest] + xlogp(x, p_a) + xlogp(y, p_b) + xlogp(rest, max(0.0, 1 - p_a - p_b))
+    else:
+        logp = sum(lf[n] - lf[k] - lf[n - k] + xlogp(k, q) + xlogp(n - k, 1 - q) for k, q in ((x, p_a), (y, p_b)))
+    return float(np.exp(logp)[_rejects(n, paired, alpha)].sum())
+
+
+def minimum_detectable_effect(n: int, background: float = 0.0, paired: bool = True, alpha: float = 0.05,
+                              power: float = 0.8, tol: float = 1e-4) -> Optional[float]:  # detail #18
+    """Smallest difference of success rates d = p_B - p_A that the two-sided exact test at level alpha detects with
+    the given power on n episodes (exact_power, bisection to tol). paired: `background` = the rate of pairs solved
+    only by A (discordance against the effect), only by B = background + d; unpaired: `background` = A's success rate.
+    None when no difference reaches that power."""
+    lo, hi = 0.0, 1 - (2 if paired else 1) * background
+    if hi <= 0 or exact_power(n, background, background + hi, paired, alpha) < power:
+        return None
+    while hi - lo > tol:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if exact_power(n, background, background + mid, paired, alpha) >= power else (mid, hi)
+    return hi
 
 
 # ---- Settings matrix (protocol.md §6.3) ----
@@ -259,13 +319,15 @@ def make_env(setting: Setting):
 Policy = Callable[[list], list]
 
 
-def run_episodes(setting: Setting, policy: Policy, batch_size: int = 32, env_factory=make_env,
-                 label: str = "", log_every_s: float = 15.0, on_episode=None) -> list[dict]:
+def run_episodes(setting: Setting, policy: Policy, batch_size: int = 32, env_factory=make_env, label: str = "",
+                 log_every_s: float = 15.0, on_episode=None, done: Optional[dict] = None) -> list[dict]:
     """Runs setting.num_episodes episodes, up to batch_size at a time; every turn all active episodes are answered
     by ONE policy call. A finished episode is replaced by the next one at once (continuous batching, detail #9).
-    on_episode(record) is called as each episode finishes (eval.py streams them to the JSONL)."""
-    seeds = setting.episode_seeds()
-    queue, active, free_envs, records = list(range(setting.num_episodes)), [], [], [None] * setting.num_episodes
+    on_episode(record) is called as each episode finishes (eval.py streams them to the JSONL); done = {episode index:
+    record} of episodes finished before (--resume), returned as they are and not run again."""
+    seeds, done = setting.episode_seeds(), done or {}
+    queue, active, free_envs = [i for i in range(setting.num_episodes) if i not in done], [], []
+    records = [done.get(i) for i in range(setting.num_episodes)]
     t0 = last_log = time.time()
     num_generations = 0
     while queue or active:
@@ -340,6 +402,20 @@ def finish_episode(setting: Setting, record: dict) -> dict:
     record["num_correct_steps"] = sum(x["is_correct"] if x.get("is_correct") is not None
                                       else x["reward"] >= correct_reward for x in turns)
     record["first_cards_correct"] = turns[0]["cards_correct"]
+    record["reward"] = sum(x["reward"] for x in turns)  # the episode's return
+    # probes (envs.py) as [numerator, denominator]: GP of the first answer (the prompt alone, no feedback yet), V-IRL
+    # summed over the verified steps (detail #17)
+    from envs import gp_probes, virl_probes
+    kw = setting.env_kwargs
+    if setting.family == "gp":
+        probes = gp_probes(turns[0]["response"], record["cards"], kw.get("target_points", 24),
+                           kw.get("treat_face_cards_as_10", True))
+        record["probes"] = {k: [0.0, 0] if v is None else [float(v), 1] for k, v in probes.items()}
+    else:
+        probes = [virl_probes(x["response"], "", kw.get("absolute_action", True)) for x in turns
+                  if x.get("outcome") != "STEP_LIMIT"]
+        record["probes"] = {k: [float(sum(p[k] for p in probes)), len(probes)]
+                            for k in ("action_in_stated_space", "action_in_other_space")}
     return record
 
 
@@ -367,23 +443,56 @@ def metrics_of(setting: Setting, episodes: list[dict]) -> dict[str, tuple[int, i
                 out[f"success@turn-{k}"] = (sum(e["success_turn"] is not None and e["success_turn"] <= k
                                                 for e in episodes), n)
         judged = [e["first_cards_correct"] for e in episodes if e["first_cards_correct"] is not None]
-        if judged:  # recognition accuracy (protocol.md §3): the first answer's "cards" field equals the hand
-            out["recognition"] = (sum(judged), len(judged))
+        if judged and setting.task.endswith("-vl"):  # recognition accuracy (protocol.md §3): the first answer's
+            out["recognition"] = (sum(judged), len(judged))  # "cards" field equals the hand (GP-L: copied text)
     env_errors = sum(any(t.get("outcome") == "ENV_ERROR" for t in e["turns"]) for e in episodes)
     if env_errors:  # episodes ended by an env.step that raised (only shown when there are any)
         out["env errors"] = (env_errors, n)
+    for name, (num, den) in measures_of(episodes).items() if episodes else ():
+        if ": " in name and name not in MEANS:  # the probes' rates
+            out[name] = (int(sum(num)), int(sum(den)))
+    from envs import GP_OUTCOMES, VIRL_OUTCOMES
+    answers = [t.get("outcome") for e in episodes for t in e["turns"]]
+    for outcome in GP_OUTCOMES if setting.family == "gp" else VIRL_OUTCOMES:  # the verifier's outcome distribution
+        out[f"answers: {outcome}"] = (answers.count(outcome), len(answers))
     return out
+
+
+MEANS = ("reward / episode", "reward / answer", "first answer: target distance")  # measures that are not rates
+
+
+def measures_of(episodes: list[dict]) -> dict[str, tuple[list, list]]:
+    """Per-episode (numerators, denominators) of every measure the paired comparisons test; a measure's value is
+    sum(num) / sum(den) (den 0: not measurable in that episode). Rates, and the MEANS."""
+    gp, ones = episodes[0]["task"].startswith("gp"), [1] * len(episodes)
+    out = {"success": ([float(e["success"]) for e in episodes], ones)}
+    if not gp:
+        out["per-step accuracy"] = ([e["num_correct_steps"] for e in episodes], [e["num_steps"] for e in episodes])
+    rewards = [e["reward"] for e in episodes]
+    out |= {"reward / episode": (rewards, ones), "reward / answer": (rewards, [e["num_steps"] for e in episodes])}
+    for key in episodes[0]["probes"]:
+        out[("first answer: " if gp else "steps: ") + key.replace("_", " ")] = \
+            tuple([e["probes"][key][i] for e in episodes] for i in (0, 1))
+    return out
+
+
+def means_of(episodes: list[dict], samples: int = 10000, seed: int = 0) -> dict[str, list]:
+    """name -> [mean, bootstrap 95 % interval (episodes resampled), episodes measured] of each of the MEANS."""
+    return {name: [*(paired_bootstrap(None, None, num, den, samples, seed) if sum(den) else [math.nan] * 3),
+                   sum(d > 0 for d in den)]
+            for name, (num, den) in measures_of(episodes).items() if name in MEANS}
 
 
 # ---- copied block "models": identical in sft.py, ppo_generalpoints.py, ppo_virl.py, eval.py (tests/test_copies.py) ----
 CACHE_DIR = os.environ.get("SFTVSRL_CACHE", os.path.expanduser("~/.cache/sftvsrl"))
 PREPARED = {"smollm2": "smollm2-135m-instruct", "smolvlm": "smolvlm-smollm2-135m-256px-v2", "tiny-lm": "tiny-lm-v1",
-            "tiny-vl": "tiny-vl-v1"}  # the directories make_models.py writes under CACHE_DIR
+            "tiny-vl": "tiny-vl-v1", "tiny-mllama": "tiny-mllama-v1", "tiny-qwen2vl": "tiny-qwen2vl-v1",
+            "tiny-llava": "tiny-llava-v1"}  # the directories make_models.py writes under CACHE_DIR
 
 
 def prepared_path(name: str, vl_task: bool) -> str:
-    """`smollm2` | `smolvlm` | `tiny` -> the checkpoint make_models.py builds once under CACHE_DIR (it runs here on
-    first use); any other name is a local path or a hub id and is returned unchanged."""
+    """`smollm2` | `smolvlm` | `tiny` | `tiny-mllama` | `tiny-qwen2vl` | `tiny-llava` -> the checkpoint make_models.py
+    builds once under CACHE_DIR (it runs here on first use); any other name is a local path or a hub id, unchanged."""
     name = {"tiny": "tiny-vl" if vl_task else "tiny-lm"}.get(name, name)
     if name not in PREPARED:
         return name
@@ -404,7 +513,7 @@ def load_model(name: str, vl_task: bool, dtype=torch.float32):
                          "image-text-to-text model (e.g. --model-path smolvlm or tiny)")
     auto_model = AutoModelForImageTextToText if is_vl_ckpt else AutoModelForCausalLM
     model = auto_model.from_pretrained(path, dtype=dtype)
-    processor = (AutoProcessor if is_vl_ckpt else AutoTokenizer).from_pretrained(path)
+    processor = load_processor(path) if is_vl_ckpt else AutoTokenizer.from_pretrained(path)
     tok = tokenizer_of(processor)
     if not getattr(tok, "chat_template", None) and not getattr(processor, "chat_template", None):
         raise ValueError("it has no chat template: prompts go through the checkpoint's own chat template (use an "
@@ -416,6 +525,22 @@ def load_model(name: str, vl_task: bool, dtype=torch.float32):
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     return model.to(dtype), processor
+
+
+def load_processor(path: str):
+    """AutoProcessor; a processor that holds a video processor (Qwen2-VL) needs torchvision, which is not installed
+    here: then the same class without it (image tasks never call it; it saves as the real class)."""
+    try:
+        return AutoProcessor.from_pretrained(path)
+    except (OSError, ImportError, AttributeError):
+        import importlib.util
+        import transformers
+        from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+        if importlib.util.find_spec("torchvision"):
+            raise
+        cls = getattr(transformers, PROCESSOR_MAPPING_NAMES[AutoConfig.from_pretrained(path).model_type])
+        names = [a for a in cls.get_attributes() if a != "video_processor"]
+        return type(cls.__name__, (cls,), {"get_attributes": classmethod(lambda c: names)}).from_pretrained(path)
 
 
 def tokenizer_of(processor):
@@ -572,6 +697,68 @@ class ModelPolicy:
         return tok.batch_decode(out.sequences[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+class ApiPolicy:
+    """An OpenAI-compatible server as the policy (official api_evaluator.py, detail #15): one chat.completions request
+    per conversation, at most --api-concurrency at a time; for VL the image goes as a base64 JPEG `image_url` part
+    before the text of the first user message. Connection errors, timeouts, 429 and 5xx are retried with exponential
+    back-off; a rejected key (401/403), any other error or a transient one that outlasts the retries ends the run in
+    one line (what finished is in episodes.jsonl: the same command with --resume goes on from there)."""
+
+    def __init__(self, args: Args):
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        import openai
+        self.openai, self.args, self.key = openai, args, os.environ[args.api_key_env]
+        self.client = openai.OpenAI(base_url=args.api_base, api_key=self.key, max_retries=0, timeout=args.api_timeout_s)
+        self.sampling = dict(max_tokens=args.max_new_tokens, temperature=args.temperature)  # detail #15
+        if args.temperature > 0:
+            self.sampling["top_p"] = args.top_p
+        self.pool, self.stopped = ThreadPoolExecutor(args.api_concurrency), threading.Event()
+
+    @staticmethod
+    def payload(messages: list, image) -> list:
+        messages = [dict(m) for m in messages]
+        if image is not None:
+            import base64
+            import io
+            buf = io.BytesIO()
+            image.convert("RGB").save(buf, format="JPEG")
+            first = next(m for m in messages if m["role"] == "user")
+            url = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+            first["content"] = [{"type": "image_url", "image_url": {"url": url}},
+                                {"type": "text", "text": first["content"]}]
+        return messages
+
+    def ask(self, messages: list, image) -> str:
+        o, where = self.openai, f"--api-base {self.args.api_base} --api-model {self.args.api_model}"
+        for attempt in range(self.args.api_retries + 1):
+            try:
+                out = self.client.chat.completions.create(model=self.args.api_model,
+                                                          messages=self.payload(messages, image), **self.sampling)
+                return out.choices[0].message.content or ""
+            except (o.AuthenticationError, o.PermissionDeniedError) as e:
+                fail(f"{where}: HTTP {e.status_code}, the server rejects the API key in ${self.args.api_key_env}")
+            except (o.APIConnectionError, o.RateLimitError, o.InternalServerError) as e:
+                error = f"{type(e).__name__}: {e}".replace(self.key, "***")[:300]
+                if attempt == self.args.api_retries:
+                    fail(f"{where}: {error} (gave up after {attempt + 1} tries); the finished episodes are in "
+                         "episodes.jsonl: run the same command with --resume (and --output-dir) to go on")
+                if self.stopped.wait(min(60.0, self.args.api_backoff_s * 2 ** attempt)):
+                    return ""  # another request already ended the run
+            except o.APIError as e:
+                fail(f"{where}: {type(e).__name__}: {e}".replace(self.key, "***")[:400])
+
+    def __call__(self, batch: list) -> list:
+        futures = [self.pool.submit(self.ask, messages, image) for messages, image in batch]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:  # the first error (or Ctrl-C) ends every request still waiting
+            self.stopped.set()
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
+
 # ---- Checkpoints of a training run (for curves) ----
 def find_checkpoints(run_dir: str) -> list[dict]:
     """Every subdirectory of run_dir (or of its subdirectories) holding a config.json, ordered by step (final last).
@@ -590,7 +777,11 @@ def find_checkpoints(run_dir: str) -> list[dict]:
         if os.path.isfile(os.path.join(path, "trainer_state.json")):
             with open(os.path.join(path, "trainer_state.json")) as f:
                 state |= json.load(f)
-        ckpts.append(dict(path=path, name=name, step=state["step"], flops=state.get("flops")))
+        flops = state.get("flops")
+        if flops is not None and "global_step" in state:  # a PPO X counts 6N D_init; sft.py's starts at its init:
+            d, d_buffer, d_init = state["tokens_trained"], state["tokens_generated"], state["d_init_tokens"]
+            flops *= (6 * d + 2 * d_buffer) / max(6 * (d_init + d) + 2 * d_buffer, 1)  # both from the init (#11)
+        ckpts.append(dict(path=path, name=name, step=state["step"], flops=flops))
     ckpts.sort(key=lambda c: (c["step"] is None, c["step"] if c["step"] is not None else 0, c["name"] == "final"))
     if not ckpts:
         fail(f"--run-dir {run_dir} has no checkpoint (no subdirectory with a config.json)")
@@ -609,23 +800,43 @@ def rows_of(results: list[dict]) -> list[dict]:
     return rows
 
 
+def rate_cell(r: dict) -> str:
+    return f"{100 * r['rate']:.1f} [{100 * r['wilson_lo']:.1f}, {100 * r['wilson_hi']:.1f}] ({r['k']}/{r['n']})" \
+        if r["n"] else "n/a (0/0)"
+
+
 def markdown_table(rows: list[dict], labels: list[str], reference_column: bool) -> str:
+    """Success and the paper's metrics; the measures named "group: name" go to measures_table."""
     keys = list(dict.fromkeys((r["task"], r["setting"], r["metric"]) for r in rows
-                              if not r["metric"].startswith("success@turn-")))
+                              if not r["metric"].startswith("success@turn-") and ": " not in r["metric"]))
     cell = {(r["task"], r["setting"], r["metric"], r["checkpoint"]): r for r in rows}
     header = ["setting", "metric"] + labels + (["paper Init / RL / SFT"] if reference_column else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for task, setting, metric in keys:
-        cells = []
-        for label in labels:
-            r = cell.get((task, setting, metric, label))
-            cells.append("" if r is None else f"{100 * r['rate']:.1f} [{100 * r['wilson_lo']:.1f}, "
-                                              f"{100 * r['wilson_hi']:.1f}] ({r['k']}/{r['n']})")
+        cells = [rate_cell(cell[(task, setting, metric, label)]) if (task, setting, metric, label) in cell else ""
+                 for label in labels]
         if reference_column:
             ref = PAPER.get((task, setting, metric))
             cells.append(" / ".join(f"{x:.1f}" for x in ref) if ref else "")
         lines.append(f"| {task} {setting} | {metric} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def measures_table(rows: list[dict], results: list[dict], labels: list[str]) -> str:
+    """Measures that move when success does not (issue 17): the MEANS as mean [bootstrap 95 %], the probes and the
+    verifier's outcomes as rates (an outcome that no checkpoint gave is left out)."""
+    cell = {(r["task"], r["setting"], name, r["label"]): f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}]" if n else "n/a"
+            for r in results for name, (m, lo, hi, n) in r.get("means", {}).items()}
+    given = {(r["task"], r["setting"], r["metric"]) for r in rows if r["k"]}
+    cell |= {(r["task"], r["setting"], r["metric"], r["checkpoint"]): rate_cell(r) for r in rows if ": " in r["metric"]
+             and (not r["metric"].startswith("answers: ") or (r["task"], r["setting"], r["metric"]) in given)}
+    order = list(dict.fromkeys((r["task"], r["setting"]) for r in results))
+    lines = ["| setting | measure | " + " | ".join(labels) + " |", "|" + "---|" * (len(labels) + 2)]
+    for key in sorted(dict.fromkeys(k[:3] for k in cell), key=lambda k: order.index(k[:2])):
+        lines.append(f"| {key[0]} {key[1]} | {key[2]} | " + " | ".join(cell.get((*key, x), "") for x in labels) + " |")
+    return ("Measures that move when success does not: mean reward per episode and per answer [bootstrap 95 %]; "
+            "probes (envs.py) of each GP episode's first answer and of every verified V-IRL step; answers: the "
+            "verifier's outcomes, % of all answers [Wilson 95 %]:\n\n" + "\n".join(lines)) if cell else ""
 
 
 def turn_k_table(rows: list[dict]) -> str:
@@ -648,7 +859,11 @@ def turn_k_table(rows: list[dict]) -> str:
 
 
 def paired_comparisons(results: list[dict], episodes: dict, pairs: list[tuple], args: Args) -> list[dict]:
-    """Checkpoint B against checkpoint A for each (A, B) in pairs, per setting, on identical instances (same seeds)."""
+    """Checkpoint B against checkpoint A for each (A, B) in pairs, per setting, on identical instances (same seeds),
+    for every measure of measures_of: paired bootstrap interval of B - A; exact McNemar where the measure is yes/no
+    per episode (on the episodes measured for both); for success the exact-power MDE, paired (background = the
+    observed discordance against the effect, min(b, c) / n) and unpaired (base = the lower observed rate); for the
+    mean reward per episode a normal-approximation MDE from the bootstrap spread, (z_0.975 + z_0.8) * SD."""
     out = []
     for (label_a, label_b), (task, setting) in ((p, ts) for p in pairs
                                                 for ts in dict.fromkeys((r["task"], r["setting"]) for r in results)):
@@ -656,35 +871,40 @@ def paired_comparisons(results: list[dict], episodes: dict, pairs: list[tuple], 
             continue
         ep_a, ep_b = episodes[(label_a, task, setting)], episodes[(label_b, task, setting)]
         assert [e["seed"] for e in ep_a] == [e["seed"] for e in ep_b], "paired episodes must share their seeds"
-        sa, sb = np.array([e["success"] for e in ep_a]), np.array([e["success"] for e in ep_b])
-        b, c = int((sa & ~sb).sum()), int((~sa & sb).sum())  # discordant pairs
-        n = len(ep_a)
-        if task.startswith("virl"):  # the paper's V-IRL metric: a ratio over steps, resampled by episode
-            metric = "per-step accuracy"
-            num_a, den_a = [e["num_correct_steps"] for e in ep_a], [e["num_steps"] for e in ep_a]
-            num_b, den_b = [e["num_correct_steps"] for e in ep_b], [e["num_steps"] for e in ep_b]
-        else:
-            metric, num_a, den_a, num_b, den_b = "success", sa, np.ones(n), sb, np.ones(n)
-        diff, lo, hi = paired_bootstrap(num_a, den_a, num_b, den_b, args.bootstrap_samples, seed=args.seed)
-        p_base = (sa.sum() + sb.sum()) / (2 * n)
-        out.append(dict(task=task, setting=setting, a=label_a, b=label_b, n=n, metric=metric, difference=diff,
-                        bootstrap_lo=lo, bootstrap_hi=hi, success_a_only=b, success_b_only=c,
-                        mcnemar_p=mcnemar_exact(b, c),
-                        mde_paired=minimum_detectable_effect(n, p_discordant=(b + c) / n) if b + c else None,
-                        mde_unpaired=minimum_detectable_effect(n, p_base=p_base if 0 < p_base < 1 else 0.5)))
+        n, measures_a, measures_b = len(ep_a), measures_of(ep_a), measures_of(ep_b)
+        for metric, ((num_a, den_a), (num_b, den_b)) in ((m, (measures_a[m], measures_b[m])) for m in measures_a):
+            if not (sum(den_a) and sum(den_b)):  # not measured for one of the two (e.g. no parsable answer)
+                continue
+            diff, lo, hi = paired_bootstrap(num_a, den_a, num_b, den_b, args.bootstrap_samples, seed=args.seed)
+            row = dict(task=task, setting=setting, a=label_a, b=label_b, n=n, metric=metric, difference=diff,
+                       bootstrap_lo=lo, bootstrap_hi=hi)
+            if metric not in MEANS and set(den_a) | set(den_b) <= {0, 1}:  # yes/no per episode
+                both = [(x, y) for x, y, da, db in zip(num_a, num_b, den_a, den_b) if da and db]
+                b, c = sum(x > y for x, y in both), sum(y > x for x, y in both)  # discordant pairs
+                row.update(a_only=b, b_only=c, mcnemar_p=mcnemar_exact(b, c))
+            if metric == "success":
+                row.update(mde_paired=minimum_detectable_effect(n, min(b, c) / n),
+                           mde_unpaired=minimum_detectable_effect(n, min(sum(num_a), sum(num_b)) / n, paired=False))
+            if metric == "reward / episode":
+                row["mde_normal"] = (Z95 + NormalDist().inv_cdf(0.8)) * (hi - lo) / (2 * Z95)
+            out.append(row)
     return out
 
 
 def paired_text(cmp: list[dict]) -> str:
-    lines = []
+    """One table row per comparison and measure; * = the 95 % interval excludes 0."""
+    lines = ["| setting | B - A | measure | difference [paired bootstrap 95 %] | exact McNemar: only A / only B, p | "
+             "minimum detectable effect (alpha 0.05, power 0.8) |", "|---|---|---|---|---|---|"]
     for x in cmp:
-        mde = [f"paired {100 * x['mde_paired']:.1f}" if x["mde_paired"] else None,
-               f"unpaired {100 * x['mde_unpaired']:.1f}" if x["mde_unpaired"] else None]
-        lines.append(f"- {x['task']} {x['setting']}: {x['b']} - {x['a']} {x['metric']} = {100 * x['difference']:+.1f} "
-                     f"points, paired bootstrap 95% [{100 * x['bootstrap_lo']:+.1f}, {100 * x['bootstrap_hi']:+.1f}]; "
-                     f"exact McNemar on success: {x['success_a_only']} solved only by {x['a']}, {x['success_b_only']} "
-                     f"only by {x['b']}, p = {x['mcnemar_p']:.3g}; minimum detectable effect on success at n = "
-                     f"{x['n']} (alpha 0.05, power 0.8): {', '.join(m for m in mde if m) or 'n/a'} points")
+        f = (lambda v: f"{v:+.2f}") if x["metric"] in MEANS else (lambda v: f"{100 * v:+.1f}")  # noqa: E731
+        sig = " *" if x["bootstrap_lo"] > 0 or x["bootstrap_hi"] < 0 else ""
+        mc = f"{x['a_only']} / {x['b_only']}, p = {x['mcnemar_p']:.3g}" if "mcnemar_p" in x else ""
+        pts = lambda v: "n/a" if v is None else f"{100 * v:.1f}"  # noqa: E731
+        mde = (f"exact: paired {pts(x['mde_paired'])}, unpaired {pts(x['mde_unpaired'])} points" if "mde_paired" in x
+               else f"{x['mde_normal']:.2f} (normal approx.)" if "mde_normal" in x else "")
+        lines.append(f"| {x['task']} {x['setting']} (n = {x['n']}) | {x['b']} - {x['a']} | {x['metric']}"
+                     f"{'' if x['metric'] in MEANS else ' (points)'} | {f(x['difference'])} [{f(x['bootstrap_lo'])}, "
+                     f"{f(x['bootstrap_hi'])}]{sig} | {mc} | {mde} |")
     return "\n".join(lines)
 
 
@@ -719,7 +939,7 @@ def plot_curves(points: list[dict], path: str, task: str):
                             [100 * (p["wilson_hi"] - p["rate"]) for p in ps]])  # (2, points)
             ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=arm)
         ax.set_title(f"{task} {setting}: {metric}")
-        ax.set_xlabel("training FLOPs" if use_flops else "training step")
+        ax.set_xlabel("training FLOPs since the init" if use_flops else "training step")
         ax.set_ylabel("%  (Wilson 95%)")
         ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
@@ -788,8 +1008,46 @@ def replay(path: str) -> int:
 
 
 def write_jsonl(f, record: dict):
+    """One whole line per write, flushed and fsync'ed: a long run can be inspected (and replayed) while it is still
+    going, and an interrupted one loses at most the line being written (--resume drops it)."""
     f.write(json.dumps(record) + "\n")
-    f.flush()  # a long run can be inspected (and replayed) while it is still going
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def resume_episodes(path: str) -> dict:
+    """--resume: the episodes an interrupted run wrote, {(checkpoint label, task, setting, episode index): record}. A
+    last line cut short (no newline) is cut off the file; any other unreadable line stops the run."""
+    done = {}
+    if not os.path.isfile(path):
+        return done
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    if lines[-1]:
+        os.truncate(path, os.path.getsize(path) - len(lines[-1]))
+        print(f"--resume: dropped the unfinished last line of {path}")
+    for n, line in enumerate(lines[:-1], 1):
+        try:
+            rec = json.loads(line)
+            done[(rec["checkpoint"], rec["task"], rec["setting"], rec["episode"])] = rec
+        except (ValueError, KeyError, TypeError):
+            fail(f"--resume: line {n} of {path} is not an eval.py episode record; choose a new --output-dir")
+    return done
+
+
+def resumed(done: dict, label: str, setting: Setting) -> dict:
+    """{episode index: record} of the episodes of this checkpoint and setting already done (--resume), checked to be
+    the episodes this command would run (same seed, same env kwargs)."""
+    seeds, out = setting.episode_seeds(), {}
+    for (lab, task, name, i), rec in done.items():
+        if (lab, task, name) == (label, setting.task, setting.name):
+            if not (isinstance(i, int) and 0 <= i < setting.num_episodes and rec.get("seed") == seeds[i]
+                    and json.dumps(rec.get("env_kwargs"), sort_keys=True) == json.dumps(setting.env_kwargs,
+                                                                                        sort_keys=True)):
+                fail(f"--resume: episode {i} of {label} {task} {name} in episodes.jsonl was run with other settings "
+                     "(episodes, seeds or env flags); give the original command, or choose a new --output-dir")
+            out[i] = rec
+    return out
 
 
 def fail(message: str):
@@ -801,11 +1059,12 @@ def check_args(args: Args):
     """The numeric flags, before anything is loaded or written."""
     for names, ok, rule in [
         (("gp_num_episodes", "virl_num_episodes", "virl_visual_ood_routes", "gp_verify_iter", "virl_verify_iter",
-          "gp_target_points", "batch_size", "max_new_tokens", "bootstrap_samples", "gp_image_size", "virl_resolution"),
-         lambda v: v >= 1, ">= 1"),
-        (("top_k", "seed", "gen_chunk"), lambda v: v >= 0, ">= 0"),
+          "gp_target_points", "batch_size", "max_new_tokens", "bootstrap_samples", "gp_image_size", "virl_resolution",
+          "api_concurrency"), lambda v: v >= 1, ">= 1"),
+        (("top_k", "seed", "gen_chunk", "api_retries"), lambda v: v >= 0, ">= 0"),
         (("temperature",), lambda v: 0 <= v < math.inf, ">= 0 (0 = greedy)"),
-        (("log_every_s",), lambda v: 0 <= v < math.inf, ">= 0"),
+        (("log_every_s", "api_backoff_s"), lambda v: 0 <= v < math.inf, ">= 0"),
+        (("api_timeout_s",), lambda v: 0 < v < math.inf, "> 0"),
         (("top_p",), lambda v: 0 < v <= 1, "in (0, 1]"),
     ]:
         for name in names:
@@ -833,7 +1092,7 @@ def checkpoint_exists(path: str) -> bool:  # a prepared name is built on first u
 def checkpoint_is_vl(path: str) -> bool:
     """Whether the checkpoint takes images; `tiny` does (it is tiny-vl for a VL task)."""
     if path == "tiny" or path in PREPARED:
-        return path in ("tiny", "tiny-vl", "smolvlm")
+        return path not in ("tiny-lm", "smollm2")
     with open(os.path.join(path, "config.json")) as f:
         return "vision_config" in json.load(f)
 
@@ -851,8 +1110,15 @@ def resolve_request(args: Args) -> tuple[list, list]:
         fail(f"--settings {args.settings} selects nothing for --task {args.task}")
     if args.gp_split not in ("all", "seen", "unseen"):
         fail(f"unknown --gp-split {args.gp_split!r}; choose all, seen or unseen")
-    if not args.model_path and not args.run_dir:
-        fail("nothing to evaluate: give --model-path CKPT (repeatable) and/or --run-dir RUN")
+    if not args.model_path and not args.run_dir and not args.api_base:
+        fail("nothing to evaluate: give --model-path CKPT (repeatable), --run-dir RUN and/or --api-base URL")
+    if bool(args.api_base) != bool(args.api_model):
+        fail("--api-base URL and --api-model NAME go together (the server and the model name it serves)")
+    if args.api_base and not os.environ.get(args.api_key_env):
+        fail(f"--api-base: no API key in the environment variable {args.api_key_env} (export it, any value for a "
+             "server without keys, or name another variable with --api-key-env)")
+    if args.resume and (not args.output_dir or args.overwrite):
+        fail("--resume continues the run in --output-dir DIR (give the same command again); it excludes --overwrite")
     if args.label and len(args.label) != len(args.model_path):
         fail(f"{len(args.label)} --label for {len(args.model_path)} --model-path")
     twice = [x for i, x in enumerate(args.label) if x in args.label[:i]]
@@ -868,11 +1134,15 @@ def resolve_request(args: Args) -> tuple[list, list]:
         for c in find_checkpoints(run):
             checkpoints.append(dict(label=f"{arm}/{c['name']}", path=c["path"], arm=arm, step=c["step"],
                                     flops=c["flops"]))
+    if args.api_base:  # no local checks: the server is first asked during the first episode
+        checkpoints.append(dict(label=f"api:{args.api_model}", path=args.api_base, arm=None, step=None, flops=None,
+                                api_model=args.api_model))
     labels = [c["label"] for c in checkpoints]
     twice = [x for i, x in enumerate(labels) if x in labels[:i]]
     if twice:
         fail(f"two checkpoints would share the column label {twice[0]!r}; give each --model-path its own --label")
-    for c in checkpoints:
+    local = [c for c in checkpoints if "api_model" not in c]
+    for c in local:
         if not checkpoint_exists(c["path"]):
             fail(f"checkpoint {c['path']!r} not found (expected a directory with config.json, "
                  "or smollm2 | smolvlm | tiny)")
@@ -880,7 +1150,7 @@ def resolve_request(args: Args) -> tuple[list, list]:
         if vl_tasks and not checkpoint_is_vl(c["path"]):
             fail(f"checkpoint {c['path']!r} is a text-only model but task {vl_tasks[0]} needs images; "
                  "use an image-text-to-text checkpoint (e.g. smolvlm, tiny, or a VL sft.py/ppo run)")
-    for c in checkpoints:  # reads every weight file once (about 2 s for 135M parameters): nothing is written yet
+    for c in local:  # reads every weight file once (about 2 s for 135M parameters): nothing is written yet
         problem = checkpoint_weights_problem(c["path"])
         if problem:
             fail(f"checkpoint {c['path']!r}: {problem}; refusing to evaluate it")
@@ -938,7 +1208,7 @@ def make_output_dir(args: Args) -> str:
     if args.output_dir:
         if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
             fail(f"--output-dir {args.output_dir} is a file")
-        if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite:
+        if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not (args.overwrite or args.resume):
             fail(f"--output-dir {args.output_dir} already holds results; choose a new directory, or pass --overwrite "
                  "to replace them")
         os.makedirs(args.output_dir, exist_ok=True)
@@ -972,34 +1242,45 @@ if __name__ == "__main__":
     # ALGO LOGIC: every checkpoint x task x setting, episodes logged as they finish
     t_start = time.time()
     results, episodes = [], {}
-    with open(os.path.join(output_dir, "episodes.jsonl"), "w") as jsonl:
+    done = resume_episodes(os.path.join(output_dir, "episodes.jsonl")) if args.resume else {}  # detail #16
+    with open(os.path.join(output_dir, "episodes.jsonl"), "a" if args.resume else "w") as jsonl:
         for c in checkpoints:
             for task in tasks:
                 settings = build_settings(args, task)
-                if not settings:
-                    continue
-                try:
-                    model, processor = load_model(c["path"], vl_task=task.endswith("-vl"),
-                                                  dtype=getattr(torch, args.dtype))
-                except ValueError as e:
-                    fail(f"{c['path']} for task {task}: {e}")
-                except Exception as e:  # noqa: BLE001  (e.g. a truncated model.safetensors of a prepared name)
-                    fail(f"cannot load {c['path']} for task {task}: {type(e).__name__}: {str(e)[:300]}")
-                if not weights_finite(model):
-                    fail(f"checkpoint {c['path']!r}: its weights are not finite (NaN or inf); refusing to evaluate it")
-                policy = ModelPolicy(model.to(args.device), processor, args.max_new_tokens, args.temperature,
-                                     args.top_p, args.top_k, args.device, args.kv_reuse, args.gen_chunk)
+                finished = {s.name: resumed(done, c["label"], s) for s in settings}
+                if all(len(finished[s.name]) == s.num_episodes for s in settings):
+                    policy = None  # nothing left to run (or no settings): no model loaded
+                elif "api_model" in c:
+                    policy = ApiPolicy(args)
+                else:
+                    try:
+                        model, processor = load_model(c["path"], vl_task=task.endswith("-vl"),
+                                                      dtype=getattr(torch, args.dtype))
+                    except ValueError as e:
+                        fail(f"{c['path']} for task {task}: {e}")
+                    except Exception as e:  # noqa: BLE001  (e.g. a truncated model.safetensors of a prepared name)
+                        fail(f"cannot load {c['path']} for task {task}: {type(e).__name__}: {str(e)[:300]}")
+                    if not weights_finite(model):
+                        fail(f"checkpoint {c['path']!r}: its weights are not finite (NaN or inf); refusing to "
+                             "evaluate it")
+                    policy = ModelPolicy(model.to(args.device), processor, args.max_new_tokens, args.temperature,
+                                         args.top_p, args.top_k, args.device, args.kv_reuse, args.gen_chunk)
+                    del model
                 for setting in settings:
                     torch.manual_seed(args.seed)
                     t0 = time.time()
+                    if finished[setting.name]:
+                        print(f"[{c['label']} {task}/{setting.name}] --resume: {len(finished[setting.name])} of "
+                              f"{setting.num_episodes} episodes already in episodes.jsonl", flush=True)
                     eps = run_episodes(setting, policy, args.batch_size, label=f"{c['label']} ",
-                                       log_every_s=args.log_every_s,
+                                       log_every_s=args.log_every_s, done=finished[setting.name],
                                        on_episode=lambda e, c=c: write_jsonl(jsonl, dict(e, checkpoint=c["label"],
                                                                                          checkpoint_path=c["path"])))
                     episodes[(c["label"], task, setting.name)] = eps
                     results.append(dict(c, task=task, setting=setting.name, metrics=metrics_of(setting, eps),
+                                        means=means_of(eps, args.bootstrap_samples, args.seed),
                                         wall_time_s=time.time() - t0, num_episodes=len(eps)))
-                del model, policy
+                del policy
 
     # TRY NOT TO MODIFY: table, statistics, files
     rows = rows_of(results)
@@ -1013,7 +1294,9 @@ if __name__ == "__main__":
     pairs += [(finals[i], finals[j]) for i in range(len(finals)) for j in range(i + 1, len(finals))]
     comparisons = paired_comparisons(results, episodes, list(dict.fromkeys(pairs)), args)
     text = table + ("\n\n" + turn_k_table(rows) if turn_k_table(rows) else "") + \
-        ("\n\nPaired comparisons (same instances):\n" + paired_text(comparisons) if comparisons else "")
+        ("\n\n" + measures_table(rows, results, labels) if measures_table(rows, results, labels) else "") + \
+        ("\n\nPaired comparisons (same instances; * = the 95 % interval excludes 0):\n\n" + paired_text(comparisons)
+         if comparisons else "")
     print("\n" + text + "\n")
     with open(os.path.join(output_dir, "table.md"), "w") as f:
         f.write(text + "\n")

@@ -36,17 +36,18 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
-from envs import GP_OUTCOMES, REWARD_FN, GeneralPointsEnv
+from envs import GP_OUTCOMES, REWARD_FN, GeneralPointsEnv, gp_probes
 
 # ---- copied block "models": identical in sft.py, ppo_generalpoints.py, ppo_virl.py, eval.py (tests/test_copies.py) ----
 CACHE_DIR = os.environ.get("SFTVSRL_CACHE", os.path.expanduser("~/.cache/sftvsrl"))
 PREPARED = {"smollm2": "smollm2-135m-instruct", "smolvlm": "smolvlm-smollm2-135m-256px-v2", "tiny-lm": "tiny-lm-v1",
-            "tiny-vl": "tiny-vl-v1"}  # the directories make_models.py writes under CACHE_DIR
+            "tiny-vl": "tiny-vl-v1", "tiny-mllama": "tiny-mllama-v1", "tiny-qwen2vl": "tiny-qwen2vl-v1",
+            "tiny-llava": "tiny-llava-v1"}  # the directories make_models.py writes under CACHE_DIR
 
 
 def prepared_path(name: str, vl_task: bool) -> str:
-    """`smollm2` | `smolvlm` | `tiny` -> the checkpoint make_models.py builds once under CACHE_DIR (it runs here on
-    first use); any other name is a local path or a hub id and is returned unchanged."""
+    """`smollm2` | `smolvlm` | `tiny` | `tiny-mllama` | `tiny-qwen2vl` | `tiny-llava` -> the checkpoint make_models.py
+    builds once under CACHE_DIR (it runs here on first use); any other name is a local path or a hub id, unchanged."""
     name = {"tiny": "tiny-vl" if vl_task else "tiny-lm"}.get(name, name)
     if name not in PREPARED:
         return name
@@ -67,7 +68,7 @@ def load_model(name: str, vl_task: bool, dtype=torch.float32):
                          "image-text-to-text model (e.g. --model-path smolvlm or tiny)")
     auto_model = AutoModelForImageTextToText if is_vl_ckpt else AutoModelForCausalLM
     model = auto_model.from_pretrained(path, dtype=dtype)
-    processor = (AutoProcessor if is_vl_ckpt else AutoTokenizer).from_pretrained(path)
+    processor = load_processor(path) if is_vl_ckpt else AutoTokenizer.from_pretrained(path)
     tok = tokenizer_of(processor)
     if not getattr(tok, "chat_template", None) and not getattr(processor, "chat_template", None):
         raise ValueError("it has no chat template: prompts go through the checkpoint's own chat template (use an "
@@ -79,6 +80,22 @@ def load_model(name: str, vl_task: bool, dtype=torch.float32):
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     return model.to(dtype), processor
+
+
+def load_processor(path: str):
+    """AutoProcessor; a processor that holds a video processor (Qwen2-VL) needs torchvision, which is not installed
+    here: then the same class without it (image tasks never call it; it saves as the real class)."""
+    try:
+        return AutoProcessor.from_pretrained(path)
+    except (OSError, ImportError, AttributeError):
+        import importlib.util
+        import transformers
+        from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+        if importlib.util.find_spec("torchvision"):
+            raise
+        cls = getattr(transformers, PROCESSOR_MAPPING_NAMES[AutoConfig.from_pretrained(path).model_type])
+        names = [a for a in cls.get_attributes() if a != "video_processor"]
+        return type(cls.__name__, (cls,), {"get_attributes": classmethod(lambda c: names)}).from_pretrained(path)
 
 
 def tokenizer_of(processor):
@@ -234,6 +251,7 @@ class Args:
 
 
 ANSWER_KEY = '"formula"'  # the CoT ends where the last `"formula"` key begins (detail #2)
+PROBES = tuple(gp_probes("", ["A"] * 4))  # the probe names (rollout/probe/*, detail #30)
 ENV_ERROR_REWARD = min(REWARD_FN.values())  # -3 (ILLEGAL_FORMULA): an answer the env cannot score (detail #28)
 
 
@@ -390,7 +408,8 @@ def answer_start(tokenizer, response_ids: list[int], answer_key: str) -> Optiona
 def action_masks(tokenizer, response_ids: list[int], answer_key: str, skip_first_tokens: int,
                  official_action_split: bool = False):
     """-> (cot_mask, answer_mask) lists over the response tokens: thought = o_k..o_{m-1}, answer = o_m..end (eos
-    included); without the key (or with official_action_split) the answer is the last 5 tokens (details #2, #3)."""
+    included); without the key (or with official_action_split) the answer is the last 5 tokens (details #2, #3); a
+    response of <= 4 tokens is scored too (officially a constant, no gradient: detail #31)."""
     n = len(response_ids)
     m = None if official_action_split else answer_start(tokenizer, response_ids, answer_key)
     if m is None:
@@ -421,12 +440,15 @@ def collate(samples: list[dict], pad_id: int, device) -> dict:
     extra = {}
     for key in samples[0]["extra"]:
         parts = [s["extra"][key] for s in samples]
-        if parts[0].dim() >= 2 and parts[0].shape[1] == len(samples[0]["prompt_ids"]):  # token-aligned (e.g. Mllama)
+        if parts[0].dim() >= 2 and parts[0].shape[:2] == (1, len(samples[0]["prompt_ids"])):  # token-aligned (1, T, ..)
             parts = [torch.cat([torch.zeros_like(x[:, :1]).expand(-1, P - x.shape[1], *x.shape[2:]), x,
                                 x[:, -1:].expand(-1, R, *x.shape[2:])], 1) for x in parts]
         extra[key] = torch.cat(parts, 0).to(device)
+    if "mm_token_type_ids" in extra:  # M-RoPE (Qwen2-VL): the model builds its 3-D positions from the mask, these ids
+        position_ids = None  # and image_grid_thw, as in generate(); 1-D ones would put the image tokens on a line
     return dict(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                position_ids=position_ids.to(device), response_ids=response_ids.to(device),
+                position_ids=position_ids if position_ids is None else position_ids.to(device),
+                response_ids=response_ids.to(device),
                 cot_mask=cot_mask.to(device), answer_mask=answer_mask.to(device), extra=extra)
 
 
@@ -482,7 +504,8 @@ def encode_prompts(processor, observations: list[dict], task: str) -> list[dict]
 def generate(agent, processor, prompts: list[dict], gen_config, prefix_cache, device, synced_gpus: bool,
              with_logprobs: bool = False):
     """One batched sampling call for all episodes (detail #10), through `prefix_cache` (a PrefixCache: text models,
-    only the new tokens of each prompt are prefilled) or, when None or with images, a plain left-padded batch.
+    only the new tokens of each prompt are prefilled) or, when None or for a VL checkpoint (on any task: Mllama's
+    cross-attention layers hold no prompt KV, Qwen2-VL keeps M-RoPE state; as in eval.py), a plain left-padded batch.
     Returns, per sample, the response ids exactly as generated (cut after the first eos, eos kept), whether it hit
     max_new_tokens without an eos and, with_logprobs, the sampled tokens' log-probs (R,) from the sampling logits
     and V(s) from the final hidden state of the last prompt token (detail #26)."""
@@ -490,7 +513,7 @@ def generate(agent, processor, prompts: list[dict], gen_config, prefix_cache, de
     gen_config = copy.deepcopy(gen_config)
     gen_config.update(return_dict_in_generate=True, output_scores=with_logprobs, output_hidden_states=with_logprobs)
     kwargs = dict(generation_config=gen_config, synced_gpus=synced_gpus)
-    if prefix_cache is not None and not prompts[0]["extra"]:
+    if prefix_cache is not None and not is_vl(processor):
         out, width = prefix_cache.generate([p["prompt_ids"] for p in prompts], tok.pad_token_id, tok.eos_token_id,
                                            device, **kwargs)
     else:
@@ -583,6 +606,13 @@ def reduce_metrics(local: dict, world_size: int) -> dict:
     col = torch.stack(parts)  # (world_size, K)
     return {k: (col[:, j].sum() if k.startswith(("rollout/outcome/", "rollout/episodes", "rollout/successes"))
                 else col[:, j].max() if k.endswith("_max") else col[:, j].nanmean()).item() for j, k in enumerate(keys)}
+
+
+def probe_means(probes: list[dict], names: tuple) -> dict:
+    """rollout/probe/<name>: each probe's mean over the answers where it is measurable, NaN where none is (the same
+    keys on every rank, so reduce_metrics averages them; detail #30)."""
+    values = {k: [float(p[k]) for p in probes if p[k] is not None] for k in names}
+    return {f"rollout/probe/{k}": float(np.mean(v)) if v else float("nan") for k, v in values.items()}
 
 
 def read_d_init(path: str) -> int:
@@ -873,7 +903,7 @@ if __name__ == "__main__":
                                       "the minibatch must divide into micro batches of micro_batch_size")
     if args.eval_every > 0 and args.eval_episodes < world_size:
         fail(f"--eval-episodes {args.eval_episodes} must be at least the number of ranks")
-    if args.model_path not in ("tiny", "smollm2", "smolvlm") and not os.path.exists(args.model_path):
+    if args.model_path not in ("tiny", *PREPARED) and not os.path.exists(args.model_path):
         fail(f"initial checkpoint {args.model_path!r} not found. RL starts from an SFT checkpoint: run `python sft.py "
              f"--task {args.task} --run-name sft-{args.task}-default` first, or pass --model-path <checkpoint dir>")
 
@@ -972,6 +1002,8 @@ if __name__ == "__main__":
     gen_config = transformers.GenerationConfig(  # the sampler is exactly pi (detail #9)
         do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id)
+    eval_config = transformers.GenerationConfig(  # evaluation is greedy, as eval.py (detail #22)
+        do_sample=False, max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id)
     local_seed = args.seed + rank
     random.seed(local_seed)
     np.random.seed(local_seed)
@@ -1001,7 +1033,8 @@ if __name__ == "__main__":
 
     def run_eval(update: int):
         agent.eval()
-        metrics = evaluate(agent, processor, args, gen_config, device, rank, world_size, synced_gpus=fsdp)
+        with torch.random.fork_rng(devices=[device] if use_cuda else []):  # training RNG untouched (detail #22)
+            metrics = evaluate(agent, processor, args, eval_config, device, rank, world_size, synced_gpus=fsdp)
         agent.train()
         log(metrics, global_step, {"update": update, **compute()})
         if rank == 0:
@@ -1032,6 +1065,7 @@ if __name__ == "__main__":
         rewards = torch.zeros((args.num_steps, args.num_envs))
         dones = torch.zeros((args.num_steps, args.num_envs))
         outcomes, resp_lens, truncs, successes, kls = {k: 0 for k in (*GP_OUTCOMES, "ENV_ERROR")}, [], [], [], []
+        probes = []  # per answer: envs.gp_probes (detail #30)
         agent.eval()
         # KV reuse within this rollout only: the weights change with every update (detail #10)
         prefix_cache = PrefixCache(unwrap(agent).policy) if args.kv_reuse and not fsdp else None
@@ -1068,6 +1102,8 @@ if __name__ == "__main__":
                 obs, reward, terminated, truncated, info = safe_step(env, text, ENV_ERROR_REWARD)
                 rewards[step, i] = reward - (args.kl_coef * kls[-1][i].item() if kls else 0.0)
                 outcomes[info["outcome"]] = outcomes.get(info["outcome"], 0) + 1
+                if "error" not in info:  # the rule probes of the answer (detail #30)
+                    probes.append(gp_probes(text, info["cards"], env.target_points, env.treat_face_cards_as_10))
                 s["reward"], s["text"] = reward, text
                 if "error" in info:
                     s["env_error"], s["instance_id"] = info["error"], env.instance_id
@@ -1171,7 +1207,7 @@ if __name__ == "__main__":
             "rollout/return_mean": returns.mean().item(), "rollout/advantage_std": advantages.std().item(),
             "rollout/response_length": float(np.mean(resp_lens)), "rollout/truncated_frac": float(np.mean(truncs)),
             "rollout/episodes": float(len(successes)), "rollout/successes": float(np.sum(successes)),
-            "rollout/logprob_mean": logprobs.mean().item(),
+            "rollout/logprob_mean": logprobs.mean().item(), **probe_means(probes, PROBES),
             **{f"rollout/outcome/{k}": float(n) for k, n in outcomes.items()}})
         if kls:
             metrics["objective/kl"] = torch.cat(kls).mean().item()

@@ -31,12 +31,13 @@ from torch.utils.tensorboard import SummaryWriter
 # ---- copied block "models": identical in sft.py, ppo_generalpoints.py, ppo_virl.py, eval.py (tests/test_copies.py) ----
 CACHE_DIR = os.environ.get("SFTVSRL_CACHE", os.path.expanduser("~/.cache/sftvsrl"))
 PREPARED = {"smollm2": "smollm2-135m-instruct", "smolvlm": "smolvlm-smollm2-135m-256px-v2", "tiny-lm": "tiny-lm-v1",
-            "tiny-vl": "tiny-vl-v1"}  # the directories make_models.py writes under CACHE_DIR
+            "tiny-vl": "tiny-vl-v1", "tiny-mllama": "tiny-mllama-v1", "tiny-qwen2vl": "tiny-qwen2vl-v1",
+            "tiny-llava": "tiny-llava-v1"}  # the directories make_models.py writes under CACHE_DIR
 
 
 def prepared_path(name: str, vl_task: bool) -> str:
-    """`smollm2` | `smolvlm` | `tiny` -> the checkpoint make_models.py builds once under CACHE_DIR (it runs here on
-    first use); any other name is a local path or a hub id and is returned unchanged."""
+    """`smollm2` | `smolvlm` | `tiny` | `tiny-mllama` | `tiny-qwen2vl` | `tiny-llava` -> the checkpoint make_models.py
+    builds once under CACHE_DIR (it runs here on first use); any other name is a local path or a hub id, unchanged."""
     name = {"tiny": "tiny-vl" if vl_task else "tiny-lm"}.get(name, name)
     if name not in PREPARED:
         return name
@@ -57,7 +58,7 @@ def load_model(name: str, vl_task: bool, dtype=torch.float32):
                          "image-text-to-text model (e.g. --model-path smolvlm or tiny)")
     auto_model = AutoModelForImageTextToText if is_vl_ckpt else AutoModelForCausalLM
     model = auto_model.from_pretrained(path, dtype=dtype)
-    processor = (AutoProcessor if is_vl_ckpt else AutoTokenizer).from_pretrained(path)
+    processor = load_processor(path) if is_vl_ckpt else AutoTokenizer.from_pretrained(path)
     tok = tokenizer_of(processor)
     if not getattr(tok, "chat_template", None) and not getattr(processor, "chat_template", None):
         raise ValueError("it has no chat template: prompts go through the checkpoint's own chat template (use an "
@@ -69,6 +70,22 @@ def load_model(name: str, vl_task: bool, dtype=torch.float32):
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     return model.to(dtype), processor
+
+
+def load_processor(path: str):
+    """AutoProcessor; a processor that holds a video processor (Qwen2-VL) needs torchvision, which is not installed
+    here: then the same class without it (image tasks never call it; it saves as the real class)."""
+    try:
+        return AutoProcessor.from_pretrained(path)
+    except (OSError, ImportError, AttributeError):
+        import importlib.util
+        import transformers
+        from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+        if importlib.util.find_spec("torchvision"):
+            raise
+        cls = getattr(transformers, PROCESSOR_MAPPING_NAMES[AutoConfig.from_pretrained(path).model_type])
+        names = [a for a in cls.get_attributes() if a != "video_processor"]
+        return type(cls.__name__, (cls,), {"get_attributes": classmethod(lambda c: names)}).from_pretrained(path)
 
 
 def tokenizer_of(processor):
@@ -120,6 +137,9 @@ class Args:
     """at most this many wrong answers (with verifier feedback) before the correct one in `--data revision`"""
     revision_loss_on: Literal["last", "all"] = "last"
     """`--data revision`: train on the final (correct) answer only, or on every assistant turn"""
+    official_sft_format: bool = False
+    """Llama-3 checkpoints: the official SFT layout (detail #4): responses `text<|eot_id|>\n` (the `\n` trained), later
+    turns hand-built with `<|eot_id|>\n`; default: the chat template for every turn, as RL and evaluation see it"""
 
     # Optimization (details #7-#11)
     total_steps: int = 30
@@ -157,7 +177,7 @@ class Args:
     eval_seed: int = 12345
     """seed of the fixed evaluation instances"""
     max_new_tokens: int = 0
-    """generation budget in evaluation (0: 80 for GP, 200 for V-IRL; x3 for `tiny`, whose tokenizer is per character)"""
+    """generation budget in evaluation (0: 80 for GP, 200 for V-IRL; x3 for `tiny*`: per-character tokenizers)"""
     run_name: Optional[str] = None
     """the run directory name under `output_dir` (default: {task}__{exp_name}__{seed}__{time})"""
     output_dir: str = "runs"
@@ -311,10 +331,11 @@ def chat_inputs(processor, conversations: list, images: Optional[list] = None) -
     return encode(text=texts, **kwargs, padding=True, add_special_tokens=False, return_tensors="pt")
 
 
-def encode_example(processor, messages: list, image, loss_on: str, max_length: int) -> dict:
+def encode_example(processor, messages: list, image, loss_on: str, max_length: int, eos_newline: bool = False) -> dict:
     """Chat template -> input_ids and a loss mask that is 1 exactly on the trained responses + their eos token,
     tokenized piece by piece (prompt, response, prompt, ...) so that every response starts on the token boundary
-    where generation starts after `add_generation_prompt=True` (detail #4)."""
+    where generation starts after `add_generation_prompt=True` (detail #4). eos_newline: a `\n` after every eos but
+    the first prompt's (the official Llama-3 SFT layout)."""
     tok = tokenizer_of(processor)
     messages = with_image(messages) if image is not None else messages
     assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
@@ -325,8 +346,9 @@ def encode_example(processor, messages: list, image, loss_on: str, max_length: i
         prompt, full = render(messages[:i], True), render(messages[: i + 1], False)
         content = messages[i]["content"]
         assert full.startswith(prompt + content), "chat template is not prefix-consistent; cannot mask the prompt"
-        pieces.append((prompt[done:], False))
-        pieces.append((content + tok.eos_token, i in trained))
+        nl = "\n" if eos_newline else ""
+        pieces.append((prompt[done:].replace(tok.eos_token, tok.eos_token + nl) if done else prompt, False))
+        pieces.append((content + tok.eos_token + nl, i in trained))
         done = len(prompt) + len(content)
         if full[done:].startswith(tok.eos_token):
             done += len(tok.eos_token)
@@ -336,12 +358,17 @@ def encode_example(processor, messages: list, image, loss_on: str, max_length: i
             enc = processor(text=[text], images=[[image]], add_special_tokens=False, return_tensors="pt")
             ids = enc["input_ids"][0].tolist()
             out = {k2: v for k2, v in enc.items() if k2 not in ("input_ids", "attention_mask")}
+            first = len(ids)
         else:
             ids = tok(text, add_special_tokens=False)["input_ids"]
         input_ids += ids
         loss_mask += [int(is_response)] * len(ids)
     if len(input_ids) > max_length:
         fail(f"an example has {len(input_ids)} tokens > --max-length {max_length}")
+    # token-aligned inputs of the first piece (Mllama's cross_attention_mask (1, T, images, tiles), Qwen2-VL's
+    # mm_token_type_ids (1, T)) go on over the rest as at its last token: later text sees the image, is no image
+    out = {k: torch.cat([v, v[:, -1:].expand(-1, len(input_ids) - v.shape[1], *v.shape[2:])], 1)
+           if v.dim() >= 2 and v.shape[:2] == (1, first) else v for k, v in out.items()}
     return dict(input_ids=input_ids, loss_mask=loss_mask, **out)
 
 
@@ -352,7 +379,10 @@ def collate(examples: list, pad_id: int) -> dict:
                                                              batch_first=True, padding_value=value)  # (B, T)
     batch = dict(input_ids=pad("input_ids", pad_id), loss_mask=pad("loss_mask", 0))
     batch["attention_mask"] = (torch.arange(int(lengths.max()))[None, :] < lengths[:, None]).long()
-    batch |= {k: torch.cat([e[k] for e in examples]) for k in examples[0] if k not in batch}  # VL: pixel_values etc.
+    T = batch["input_ids"].shape[1]  # VL: pixel_values etc.; token-aligned ones (B, T, ...) right-padded with zeros
+    batch |= {k: torch.cat([torch.cat([e[k], e[k].new_zeros(1, T - e[k].shape[1], *e[k].shape[2:])], 1) if
+                            e[k].dim() >= 2 and e[k].shape[:2] == (1, len(e["input_ids"])) else e[k] for e in examples])
+              for k in examples[0] if k not in batch}
     return batch
 
 
@@ -484,8 +514,8 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     check_args(args)
     vl_task = args.task.endswith("-vl")
-    if args.max_new_tokens == 0:  # x3 for the character-level tokenizer of `tiny`
-        args.max_new_tokens = (80 if args.task.startswith("gp") else 200) * (3 if args.model_path == "tiny" else 1)
+    if args.max_new_tokens == 0:  # x3 for the character-level tokenizers of `tiny*`
+        args.max_new_tokens = (80 if args.task.startswith("gp") else 200) * (3 if args.model_path[:4] == "tiny" else 1)
     default_micro, default_accum = (4, 2) if args.task.startswith("virl") else (8, 1)  # detail #9
     default_accum = default_accum if args.micro_batch_size == 0 else 1  # an explicit micro batch: no accumulation
     args.micro_batch_size = args.micro_batch_size or default_micro
@@ -546,6 +576,9 @@ if __name__ == "__main__":
     except Exception as e:  # noqa: BLE001  (a truncated model.safetensors raises safetensors' own error type)
         fail(f"cannot load --model-path {model_path!r}: {type(e).__name__}: {str(e)[:300]}")
     pad_id = model.generation_config.pad_token_id  # the tokenizer's pad, else its eos (load_model)
+    if args.official_sft_format and tokenizer_of(processor).eos_token != "<|eot_id|>":
+        fail(f"--official-sft-format is the Llama-3 layout (eos <|eot_id|>); {model_path!r} has eos "
+             f"{tokenizer_of(processor).eos_token!r}")
     model.to(device).train()
     if not weights_finite(model):
         fail(f"{model_path}: the checkpoint's weights are not finite (NaN or inf); refusing to train or evaluate it")
@@ -601,7 +634,8 @@ if __name__ == "__main__":
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.mixed_precision and not synced_gpus)
 
     # Two parameter groups; the LR scale of each comes from the args, not from the optimizer state (detail #10)
-    vision_lr = args.vision_lr or (2e-4 if vl_task and args.model_path in ("default", "smolvlm", "tiny") else args.lr)
+    random_vision = args.model_path in ("default", "smolvlm") or args.model_path.startswith("tiny")
+    vision_lr = args.vision_lr or (2e-4 if vl_task and random_vision else args.lr)
     text = [p for n, p in model.named_parameters() if p.requires_grad and not is_vision_param(n)]
     vision = [p for n, p in model.named_parameters() if p.requires_grad and is_vision_param(n)]
     groups = [dict(params=text)] + ([dict(params=vision)] if vision else [])
@@ -671,7 +705,8 @@ if __name__ == "__main__":
         for _ in range(args.gradient_accumulation_steps):
             examples = [sample_example(args.data, train_env, data_rng, json_examples, args.revision_max_errors,
                                        args.revision_loss_on) for _ in range(args.micro_batch_size)]
-            examples = [encode_example(processor, messages, image if vl_task else None, loss_on, args.max_length)
+            examples = [encode_example(processor, messages, image if vl_task else None, loss_on, args.max_length,
+                                       args.official_sft_format)
                         for messages, image, loss_on in examples]
             micro_batches.append({k: v.to(device) for k, v in collate(examples, pad_id).items()})
         num_response_tokens = sum(int(mb["loss_mask"].sum()) for mb in micro_batches)  # normaliser for the step

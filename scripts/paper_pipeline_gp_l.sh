@@ -4,12 +4,15 @@
 #   2. from it, the RL arm (ppo_generalpoints.py) ...
 #   3. ... and the SFT arm (sft.py started from the same checkpoint), given the same training FLOPs as the RL arm
 #      (6N per trained token for SFT; 6N(D_RL) + 2N D_buffer for PPO, as in the paper's compute accounting);
-#   4. eval.py prints init, SFT arm and RL arm side by side on ID and rule-OOD hands.
+#   4. eval.py evaluates the init and every saved checkpoint of both arms on ID and rule-OOD hands: the table, the
+#      paired tests, and curves_gp-l.png with both arms against training FLOPs since the init (x = 0 at the init).
 # Every knob is an environment variable so that the same script runs the tiny smoke version in tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 MODEL=${MODEL:-default}                      # sft.py --model-path for the initial checkpoint
+SEED=${SEED:-42}                             # init and RL arm; the SFT arm trains on SEED + 1000's examples
+CURVE_POINTS=${CURVE_POINTS:-2}              # checkpoints per arm on the curves (each one is evaluated)
 TAG=${TAG:-gp-l}                             # run-name prefix
 INIT_STEPS=${INIT_STEPS:-30}                 # SFT steps (x8 examples) of the initial checkpoint
 LR=${LR:-1e-5}                               # the shared learning rate of both arms (paper: one LR per experiment)
@@ -27,18 +30,18 @@ INIT=${INIT:-$OUT/$TAG-init/final}           # an existing initial checkpoint sk
 if [ ! -d "$INIT" ]; then
   echo "== 1. initial checkpoint: sft.py ($INIT_STEPS steps)"
   python sft.py --task gp-l --model-path "$MODEL" --run-name "$TAG-init" --output-dir "$OUT" \
-    --total-steps "$INIT_STEPS" --eval-every 0 $EXTRA_SFT
+    --total-steps "$INIT_STEPS" --seed "$SEED" --eval-every 0 $EXTRA_SFT
 fi
 
 echo "== 2. RL arm: ppo_generalpoints.py from $INIT"
-python ppo_generalpoints.py --task gp-l --model-path "$INIT" --exp-name "$TAG-rl-arm" --lr "$LR" \
+python ppo_generalpoints.py --task gp-l --model-path "$INIT" --exp-name "$TAG-rl-arm" --lr "$LR" --seed "$SEED" \
   --num-updates "$PPO_UPDATES" --num-envs "$PPO_ENVS" --num-steps "$PPO_STEPS" --max-new-tokens "$MAX_NEW_TOKENS" \
-  --eval-every 0 --save-every "$PPO_UPDATES" --logprobs-from-sampling $EXTRA_PPO
+  --eval-every 0 --save-every $(( (PPO_UPDATES + CURVE_POINTS - 1) / CURVE_POINTS )) --logprobs-from-sampling $EXTRA_PPO
 RL_RUN=$(ls -dt runs/gp-l__"$TAG"-rl-arm__* | head -1)
-RL_CKPT=$(ls -d "$RL_RUN"/checkpoints/update_* | sort | tail -1)
 
 # Training FLOPs of the RL arm beyond the init, 6N D_RL + 2N D_buffer (its metrics.jsonl), and the number of SFT
-# steps with the same FLOPs, 6N D_SFT (N cancels; D_SFT per step as measured by the init run)
+# steps with the same FLOPs, 6N D_SFT (N cancels but for PPO's value head, <1% of SmolLM2; D_SFT per step as
+# measured by the init run)
 read -r RL_TOKENS SFT_STEPS < <(python - "$RL_RUN/metrics.jsonl" "$INIT/trainer_state.json" <<'EOF'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
@@ -51,12 +54,18 @@ EOF
 )
 echo "   RL arm: D_RL + D_buffer/3 = $RL_TOKENS tokens -> the SFT arm gets $SFT_STEPS steps of the same FLOPs"
 
-echo "== 3. SFT arm: sft.py from $INIT, $SFT_STEPS steps"
+# sft.py draws the examples of step k from the seed (seed, rank, step): the init's --seed would replay its data (a
+# second epoch); another seed gives new examples of the same distribution
+echo "== 3. SFT arm: sft.py from $INIT, $SFT_STEPS steps, --seed $((SEED + 1000)) (new examples)"
 rm -rf "$OUT/$TAG-sft-arm"
-python sft.py --task gp-l --model-path "$INIT" --run-name "$TAG-sft-arm" --output-dir "$OUT" \
-  --total-steps "$SFT_STEPS" --lr "$LR" --warmup-steps 0 --eval-every 0 --no-save-optimizer $EXTRA_SFT
+python sft.py --task gp-l --model-path "$INIT" --run-name "$TAG-sft-arm" --output-dir "$OUT" --seed $((SEED + 1000)) \
+  --total-steps "$SFT_STEPS" --lr "$LR" --warmup-steps 0 --eval-every 0 --no-save-optimizer \
+  --save-every $(( (SFT_STEPS + CURVE_POINTS - 1) / CURVE_POINTS )) $EXTRA_SFT
 
-echo "== 4. evaluation: init vs SFT arm vs RL arm"
-python eval.py --task gp-l --model-path "$INIT" --label init --model-path "$OUT/$TAG-sft-arm/final" --label sft-arm \
-  --model-path "$RL_CKPT" --label rl-arm --gp-num-episodes "$EVAL_EPISODES" --max-new-tokens "$MAX_NEW_TOKENS" \
+echo "== 4. evaluation: init, SFT arm and RL arm checkpoints; curves against FLOPs"
+ARMS=$OUT/$TAG-arms                          # the arms under short names: the curves' legend, the table's columns
+rm -rf "$ARMS" && mkdir -p "$ARMS"
+ln -s "$PWD/$OUT/$TAG-sft-arm" "$ARMS/sft-arm" && ln -s "$PWD/$RL_RUN" "$ARMS/rl-arm"
+python eval.py --task gp-l --init-path "$INIT" --run-dir "$ARMS/sft-arm" --run-dir "$ARMS/rl-arm" \
+  --gp-num-episodes "$EVAL_EPISODES" --max-new-tokens "$MAX_NEW_TOKENS" \
   --settings id --settings rule-ood --output-dir "$OUT/$TAG-eval" --overwrite $EXTRA_EVAL

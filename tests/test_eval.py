@@ -1,6 +1,7 @@
 """eval.py: metrics arithmetic with scripted policies, statistics on hand-computed cases, checkpoint discovery,
 the model-backed policy on tiny models, and the CLI end to end (subprocess)."""
 import ast
+import dataclasses
 import json
 import math
 import os
@@ -50,9 +51,54 @@ def test_paired_bootstrap_and_mde():
     # ratio metric (per-step accuracy): sum(num)/sum(den), not a mean of ratios
     diff, _, _ = ev.paired_bootstrap([1, 0], [1, 3], [2, 3], [2, 3], samples=10)
     assert diff == pytest.approx(5 / 5 - 1 / 4)
-    z = 1.959964 + 0.841621
-    assert ev.minimum_detectable_effect(234, p_base=0.5) == pytest.approx(z * math.sqrt(0.5 / 234), rel=1e-5)
-    assert ev.minimum_detectable_effect(100, p_discordant=0.1) == pytest.approx(z * math.sqrt(0.001), rel=1e-5)
+    # one sample (num_a = None): B's own value; den 0 = not measured in that episode
+    mean, lo, hi = ev.paired_bootstrap(None, None, [3.0, 0.0, -1.0, 2.0], [1, 0, 1, 1], samples=2000)
+    assert mean == pytest.approx(4 / 3) and -1 <= lo < mean < hi <= 3
+
+
+# ---- minimum detectable effect: exact power, checked against a brute-force enumeration written out here ----
+def _mcnemar_p(b, c):
+    m = b + c
+    return 1.0 if m == 0 else min(1.0, 2 * sum(math.comb(m, i) for i in range(min(b, c) + 1)) / 2 ** m)
+
+
+def _power_paired(n, p_a, p_b, alpha=0.05):  # every (b, c) of the trinomial over n pairs
+    return sum(math.comb(n, b) * math.comb(n - b, c) * p_a ** b * p_b ** c * (1 - p_a - p_b) ** (n - b - c)
+               for b in range(n + 1) for c in range(n + 1 - b) if _mcnemar_p(b, c) <= alpha)
+
+
+def _fisher_p(x, y, n):  # two-sided: the tables of the same margins no likelier than the observed one
+    pmf = {k: math.comb(n, k) * math.comb(n, x + y - k) / math.comb(2 * n, x + y)
+           for k in range(max(0, x + y - n), min(x + y, n) + 1)}
+    return sum(q for q in pmf.values() if q <= pmf[x] * (1 + 1e-7))
+
+
+def _power_unpaired(n, p_a, p_b, alpha=0.05):
+    pmf = lambda k, p: math.comb(n, k) * p ** k * (1 - p) ** (n - k)  # noqa: E731
+    return sum(pmf(x, p_a) * pmf(y, p_b) for x in range(n + 1) for y in range(n + 1) if _fisher_p(x, y, n) <= alpha)
+
+
+@pytest.mark.parametrize("n, background, paired", [(10, 0.0, True), (20, 0.05, True), (32, 0.0, True),
+                                                    (32, 0.1, True), (50, 0.02, True), (40, 0.25, True),
+                                                    (10, 0.0, False), (20, 0.3, False), (32, 0.1, False)])
+def test_mde_is_the_smallest_effect_with_exact_power_080(n, background, paired):
+    brute = _power_paired if paired else _power_unpaired
+    for d in (0.1, 0.3):
+        assert ev.exact_power(n, background, background + d, paired) == pytest.approx(brute(n, background,
+                                                                                            background + d), abs=1e-9)
+    mde = ev.minimum_detectable_effect(n, background, paired)
+    assert brute(n, background, background + mde) >= 0.8 > brute(n, background, background + mde - 1e-4)
+
+
+def test_mde_at_32_pairs_matches_the_exact_mcnemar_numbers():
+    """n = 32, no background discordance: p < 0.05 needs >= 6 one-sided discordant pairs (6/32 = 19 points), 80 %
+    power needs ~24 points (the normal approximation printed ~9 with the observed discordance)."""
+    assert ev.mcnemar_exact(6, 0) < 0.05 < ev.mcnemar_exact(5, 0)
+    assert ev.exact_power(32, 0.0, 6 / 32) == pytest.approx(1 - sum(math.comb(32, k) * (6 / 32) ** k * (26 / 32) **
+                                                                     (32 - k) for k in range(6)))
+    assert 0.23 < ev.minimum_detectable_effect(32) < 0.245
+    assert ev.minimum_detectable_effect(4) is None  # 4 pairs can never reach p < 0.05
+    assert ev.minimum_detectable_effect(234, 0.05) < ev.minimum_detectable_effect(234, 0.115, paired=False)
 
 
 # ---- GP episodes with a scripted policy on the real environment ----
@@ -98,7 +144,21 @@ def test_gp_metrics_scripted_policy():
     m = ev.metrics_of(setting, episodes)
     assert m["success"] == (4, 6)
     assert (m["success@turn-1"], m["success@turn-2"], m["success@turn-3"]) == ((2, 6), (3, 6), (4, 6))
-    assert m["recognition"] == (5, 6)  # only the "badcards" first answer misreads the hand
+    assert "recognition" not in m  # GP-L: the cards are in the prompt's text
+    m_vl = ev.metrics_of(dataclasses.replace(setting, task="gp-vl"), episodes)  # same arithmetic, VL label
+    assert m_vl["recognition"] == (5, 6)  # only the "badcards" first answer misreads the hand
+    # outcomes of all 15 answers; probes of the 6 first answers (correct, wrong, wrong, badcards, illegal, correct)
+    assert (m["answers: CORRECT_SOLUTION"], m["answers: ILLEGAL_FORMULA"], m["answers: STEP_LIMIT"]) == \
+        ((4, 15), (3, 15), (2, 15))
+    assert m["first answer: parsable"] == (5, 6) and m["first answer: cards used once"] == (5, 5)
+    assert m["first answer: numbers follow stated rule"] == (6, 6)
+    faces = sum(any(c in "JQK" for c in e["cards"]) for e in episodes)
+    assert m["first answer: numbers follow other rule"] == (0, faces) and faces > 0
+    assert [e["reward"] for e in episodes][:2] == [5.0, sum(t["reward"] for t in episodes[1]["turns"])]
+    means = ev.means_of(episodes, samples=200)
+    assert means["reward / episode"][0] == pytest.approx(sum(e["reward"] for e in episodes) / 6)
+    assert means["reward / answer"][0] == pytest.approx(sum(e["reward"] for e in episodes) / 15)
+    assert means["first answer: target distance"][3] == 5 and means["first answer: target distance"][0] > 0
     assert [e["seen"] for e in episodes] == [True, True, False, False, True, True]  # seed 0: 2 held-out hands
     assert m["success (seen instances)"] == (3, 4) and m["success (unseen instances)"] == (1, 2)
     # batching: one policy call per turn for every active episode, never more than batch_size
@@ -118,7 +178,8 @@ def test_gp_recognition_run_is_single_turn():
     episodes = ev.run_episodes(recog, lambda batch: ["nothing"] * len(batch), log_every_s=1e9)
     assert [e["num_steps"] for e in episodes] == [1, 1, 1]
     m = ev.metrics_of(recog, episodes)
-    assert m["recognition"] == (0, 3) and m["success"] == (0, 3) and not any("@turn" in k for k in m)
+    assert m["success"] == (0, 3) and not any("@turn" in k for k in m) and "recognition" not in m
+    assert ev.metrics_of(dataclasses.replace(recog, task="gp-vl"), episodes)["recognition"] == (0, 3)
 
 
 # ---- V-IRL arithmetic with a fake navigation env (same episode API) ----
@@ -169,6 +230,8 @@ def test_virl_per_step_accuracy_counts_retries_and_forced_steps():
     assert [e["num_correct_steps"] for e in episodes] == [3, 1, 3]
     m = ev.metrics_of(setting, episodes)
     assert m["per-step accuracy"] == (7, 12) and m["success"] == (2, 3)
+    # verified steps (the forced -1 calls of the fake env carry no outcome, so all 12 count): no answer block
+    assert m["steps: action in stated space"] == (0, 12) and [e["reward"] for e in episodes] == [3.0, -3.0, 2.0]
     assert m["success (seen instances)"] == (1, 2) and m["success (unseen instances)"] == (1, 1)
     assert m["per-step accuracy (seen instances)"] == (4, 8) and m["per-step accuracy (unseen instances)"] == (3, 4)
 
@@ -194,6 +257,10 @@ def test_virl_real_env_wrong_then_oracle_is_half_the_steps():
     m = ev.metrics_of(setting, episodes)
     assert m["success"] == (3, 3)
     assert 2 * m["per-step accuracy"][0] == m["per-step accuracy"][1] == sum(e["num_steps"] for e in episodes)
+    # rule OOD: every oracle action is of the stated (relative) space; "no idea" has no action
+    assert m["steps: action in stated space"] == (m["per-step accuracy"][0], m["per-step accuracy"][1])
+    assert m["steps: action in other space"][0] == 0
+    assert m["answers: CORRECT_ACTION"][0] == m["per-step accuracy"][0]
 
 
 def test_virl_visual_ood_routes_in_fixed_order():
@@ -223,21 +290,33 @@ def test_virl_visual_ood_routes_in_fixed_order():
 # ---- paired comparison and reporting ----
 def test_paired_comparison_and_table():
     def eps(successes):
-        return [dict(seed=i, success=bool(x), num_steps=1, num_correct_steps=int(x)) for i, x in enumerate(successes)]
+        return [dict(seed=i, task="gp-l", success=bool(x), num_steps=1, num_correct_steps=int(x),
+                     reward=5.0 if x else -1.0, probes={"target_distance": [0.0, 1] if x else [0.0, 0]})
+                for i, x in enumerate(successes)]
     a, b = [1, 0, 0, 0, 0, 0, 0, 1, 0, 0], [1, 1, 1, 1, 1, 1, 0, 0, 0, 0]
-    results = [dict(label=l, task="gp-l", setting="rule-ood", metrics={"success": (sum(x), 10)}) for l, x in
-               (("A", a), ("B", b))]
+    results = [dict(label=l, task="gp-l", setting="rule-ood", metrics={"success": (sum(x), 10)},
+                    means=ev.means_of(eps(x), samples=500)) for l, x in (("A", a), ("B", b))]
     episodes = {("A", "gp-l", "rule-ood"): eps(a), ("B", "gp-l", "rule-ood"): eps(b)}
-    (cmp,) = ev.paired_comparisons(results, episodes, [("A", "B")], ev.Args(bootstrap_samples=1000))
-    assert (cmp["success_a_only"], cmp["success_b_only"]) == (1, 5)
-    assert cmp["mcnemar_p"] == pytest.approx(2 * (1 + 6) / 64)
-    assert cmp["difference"] == pytest.approx(0.4) and cmp["bootstrap_lo"] < 0.4 < cmp["bootstrap_hi"]
-    assert cmp["mde_paired"] == pytest.approx((1.959964 + 0.841621) * math.sqrt(0.6 / 10), rel=1e-5)
+    cmp = {c["metric"]: c for c in ev.paired_comparisons(results, episodes, [("A", "B")],
+                                                          ev.Args(bootstrap_samples=1000))}
+    assert list(cmp) == ["success", "reward / episode", "reward / answer", "first answer: target distance"]
+    x = cmp["success"]
+    assert (x["a_only"], x["b_only"]) == (1, 5)
+    assert x["mcnemar_p"] == pytest.approx(2 * (1 + 6) / 64)
+    assert x["difference"] == pytest.approx(0.4) and x["bootstrap_lo"] < 0.4 < x["bootstrap_hi"]
+    # background = min(b, c) / n = 0.1: no effect reaches 80 % power on 10 pairs; unpaired from A's 20 %
+    assert x["mde_paired"] is None and x["mde_unpaired"] == ev.minimum_detectable_effect(10, 0.2, paired=False)
+    assert cmp["reward / episode"]["difference"] == pytest.approx(2.4) and "mcnemar_p" not in cmp["reward / episode"]
+    assert cmp["reward / episode"]["mde_normal"] > 0
     rows = ev.rows_of(results)
     table = ev.markdown_table(rows, ["A", "B"], reference_column=True)
     assert "| gp-l rule-ood | success | 20.0 [5.7, 51.0] (2/10) | 60.0 [31.3, 83.2] (6/10) | 11.5 / 15.0 / 3.4 |" \
         in table
-    assert "p = 0.219" in ev.paired_text([cmp])  # 14/64
+    measures = ev.measures_table(rows, results, ["A", "B"])
+    assert "| gp-l rule-ood | reward / episode | +0.20 [" in measures and "| +2.60 [" in measures
+    text = ev.paired_text(list(cmp.values()))
+    assert "1 / 5, p = 0.219" in text  # 14/64
+    assert "| gp-l rule-ood (n = 10) | B - A | reward / episode | +2.40 [" in text
 
 
 def _state(step, flops, **extra):

@@ -1,7 +1,13 @@
 """No behaviour change across restructurings: short seeded runs of every script on the tiny model give the numbers
 recorded in tests/reference/ (made at commit 5d29c63, before the "teaching-grade files" restructuring, with a tiny
 checkpoint bit-identical to what `make_models.py tiny` builds). Timings are left out; key names that changed
-meanwhile are mapped below."""
+meanwhile are mapped below.
+
+Re-recorded once (issue 17): in ppo_generalpoints.jsonl and ppo_virl.jsonl, the rows of updates 1-2 (losses/*, the
+rollout statistics but reward_mean and the outcome counts, compute/* and the logged sample responses). The in-training
+evaluation at update 0 used to sample from the torch RNG that the rollouts then drew from; it is greedy now and leaves
+that RNG untouched. The new values are exactly those of the old code run with --eval-every 0; the evaluation values
+(all 0.0) did not change. tests/test_learning.py checks that --eval-every leaves the training metrics unchanged."""
 import json
 import math
 import os
