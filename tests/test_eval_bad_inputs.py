@@ -1,6 +1,8 @@
 """eval.py on bad input (issue 15): every case stops with exactly one `eval.py: error: ...` line, exit code != 0, no
 traceback, and writes nothing (no output directory); a checkpoint with non-finite weights or a truncated
-model.safetensors is refused the same way; --output-dir never overwrites earlier results."""
+model.safetensors is refused the same way; --output-dir never overwrites earlier results. The cases in REAL, one
+truncated checkpoint and the --output-dir test run eval.py in a subprocess of their own (the real CLI path); the other
+refusals run as `python eval.py ...` would, all in one python process (conftest.run_in_one_process)."""
 import json
 import os
 import shutil
@@ -71,18 +73,17 @@ CASES = [
     (["--replay", "{tmp}/not_a_record.jsonl"], "line 1 is not an eval.py episode record"),
     (["--replay", "{tmp}/empty.jsonl"], "no episodes"),
 ]
+REAL = [["--gp-num-episodes", "0"], ["--replay", "{tmp}/not_json.jsonl"]]  # an argument check, a --replay refusal
 
 
-@pytest.mark.parametrize("flags,needle", CASES, ids=[" ".join(f) for f, _ in CASES])
-def test_bad_input_one_line_nothing_written(flags, needle, tmp_path):
-    scratch, cwd = tmp_path / "scratch", tmp_path / "cwd"
-    scratch.mkdir()
-    cwd.mkdir()
-    write(scratch / "not_json.jsonl", RECORD + "\n{oops\n")
-    write(scratch / "not_a_record.jsonl", json.dumps({"task": "gp-l"}) + "\n")
-    write(scratch / "empty.jsonl", "\n")
-    r = run_eval(cwd, "--model-path", "tiny", *[f.replace("{tmp}", str(scratch)) for f in flags])
-    assert_one_line_refusal(r, cwd, needle)
+def scratch_and_cwd(d):
+    """A scratch directory with the --replay files (`{tmp}`) and an empty working directory, under d."""
+    (d / "scratch").mkdir(parents=True)
+    (d / "cwd").mkdir()
+    write(d / "scratch" / "not_json.jsonl", RECORD + "\n{oops\n")
+    write(d / "scratch" / "not_a_record.jsonl", json.dumps({"task": "gp-l"}) + "\n")
+    write(d / "scratch" / "empty.jsonl", "\n")
+    return d / "scratch", d / "cwd"
 
 
 @pytest.fixture(scope="module")
@@ -96,42 +97,69 @@ def tiny_checkpoint(tmp_path_factory):
     return path
 
 
-def test_non_finite_checkpoint_is_refused(tiny_checkpoint, tmp_path):
-    """A diverged run's all-NaN checkpoint used to evaluate to 0 % with no warning."""
+@pytest.fixture(scope="module")
+def bad_checkpoints(tiny_checkpoint, tmp_path_factory):
+    """tiny_checkpoint with one NaN weight (nan), its model.safetensors cut to a half / to nothing (truncated_0.5,
+    truncated_0.0), and without it (no_weights)."""
     import torch
 
     import eval as ev
+    d = tmp_path_factory.mktemp("bad_ckpts")
     model, tok = ev.load_model(str(tiny_checkpoint), vl_task=False)
     with torch.no_grad():
         next(model.parameters()).view(-1)[0] = float("nan")
-    model.save_pretrained(tmp_path / "nan_ckpt")
-    tok.save_pretrained(tmp_path / "nan_ckpt")
-    (tmp_path / "cwd").mkdir()
-    r = run_eval(tmp_path / "cwd", "--model-path", str(tmp_path / "nan_ckpt"))
-    assert_one_line_refusal(r, tmp_path / "cwd", "weights are not finite")
+    model.save_pretrained(d / "nan")
+    tok.save_pretrained(d / "nan")
+    for keep in (0.5, 0.0):
+        shutil.copytree(tiny_checkpoint, d / f"truncated_{keep}")
+        weights = d / f"truncated_{keep}" / "model.safetensors"
+        with open(weights, "r+b") as f:
+            f.truncate(int(weights.stat().st_size * keep))
+    shutil.copytree(tiny_checkpoint, d / "no_weights")
+    (d / "no_weights" / "model.safetensors").unlink()
+    return d
+
+
+@pytest.fixture(scope="module")
+def batched(bad_checkpoints, tmp_path_factory, one_process):
+    """{argv: (result, its working directory)} for every CASES entry not in REAL (after --model-path tiny) and every
+    bad checkpoint but truncated_0.5 (alone), all in one python process, each in directories of its own."""
+    work = tmp_path_factory.mktemp("batch_eval")
+    argvs = [("--model-path", "tiny", *f) for f, _ in CASES if f not in REAL] + \
+        [("--model-path", str(bad_checkpoints / n)) for n in ("nan", "truncated_0.0", "no_weights")]
+    dirs = [scratch_and_cwd(work / f"case{i}") for i in range(len(argvs))]
+    out = one_process(EVAL, [([a.replace("{tmp}", str(scratch)) for a in argv], cwd)
+                             for argv, (scratch, cwd) in zip(argvs, dirs)], work)
+    return {argv: (r, cwd) for argv, r, (_, cwd) in zip(argvs, out, dirs)}
+
+
+@pytest.mark.parametrize("flags,needle", CASES, ids=[" ".join(f) for f, _ in CASES])
+def test_bad_input_one_line_nothing_written(flags, needle, tmp_path, request):
+    if flags in REAL:
+        scratch, cwd = scratch_and_cwd(tmp_path)
+        r = run_eval(cwd, "--model-path", "tiny", *[f.replace("{tmp}", str(scratch)) for f in flags])
+    else:
+        r, cwd = request.getfixturevalue("batched")[("--model-path", "tiny", *flags)]
+    assert_one_line_refusal(r, cwd, needle)
+
+
+def test_non_finite_checkpoint_is_refused(tiny_checkpoint, bad_checkpoints, batched):
+    """A diverged run's all-NaN checkpoint used to evaluate to 0 % with no warning."""
+    import eval as ev
+    assert_one_line_refusal(*batched[("--model-path", str(bad_checkpoints / "nan"))], "weights are not finite")
     assert ev.weights_finite(ev.load_model(str(tiny_checkpoint), vl_task=False)[0])
-    assert not ev.weights_finite(model)
+    assert not ev.weights_finite(ev.load_model(str(bad_checkpoints / "nan"), vl_task=False)[0])
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.0])
-def test_truncated_checkpoint_is_refused(tiny_checkpoint, tmp_path, keep):
-    ckpt = tmp_path / "truncated"
-    shutil.copytree(tiny_checkpoint, ckpt)
-    weights = ckpt / "model.safetensors"
-    with open(weights, "r+b") as f:
-        f.truncate(int(weights.stat().st_size * keep))
-    (tmp_path / "cwd").mkdir()
-    r = run_eval(tmp_path / "cwd", "--model-path", str(ckpt))
-    assert_one_line_refusal(r, tmp_path / "cwd", "model.safetensors cannot be read, truncated or corrupt")
+def test_truncated_checkpoint_is_refused(bad_checkpoints, tmp_path, keep, request):
+    argv = ("--model-path", str(bad_checkpoints / f"truncated_{keep}"))
+    r, cwd = (run_eval(tmp_path, *argv), tmp_path) if keep == 0.5 else request.getfixturevalue("batched")[argv]
+    assert_one_line_refusal(r, cwd, "model.safetensors cannot be read, truncated or corrupt")
 
 
-def test_checkpoint_without_weights_is_refused(tiny_checkpoint, tmp_path):
-    ckpt = tmp_path / "no_weights"
-    shutil.copytree(tiny_checkpoint, ckpt)
-    (ckpt / "model.safetensors").unlink()
-    (tmp_path / "cwd").mkdir()
-    r = run_eval(tmp_path / "cwd", "--model-path", str(ckpt))
-    assert_one_line_refusal(r, tmp_path / "cwd", "no model weights")
+def test_checkpoint_without_weights_is_refused(bad_checkpoints, batched):
+    assert_one_line_refusal(*batched[("--model-path", str(bad_checkpoints / "no_weights"))], "no model weights")
 
 
 def test_output_dir_is_never_overwritten(tiny_checkpoint, tmp_path):

@@ -1,4 +1,4 @@
-"""The README's main job (scripts/paper_pipeline_gp_l.sh) end to end on a tiny model: init SFT -> RL arm and
+"""The README's main job (scripts/paper_pipeline.sh) end to end on a tiny model: init SFT -> RL arm and
 FLOPs-matched SFT arm (new examples) -> evaluation of the init and both arms' checkpoints, curves against FLOPs."""
 import glob
 import json
@@ -7,16 +7,19 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_paper_pipeline_tiny():
-    tag = f"pytest-pipeline-{os.getpid()}"
-    env = dict(os.environ, MODEL="tiny", TAG=tag, INIT_STEPS="2", PPO_UPDATES="1", PPO_ENVS="2", PPO_STEPS="1",
+@pytest.mark.parametrize("task", ["gp-l", "virl-l"])
+def test_paper_pipeline_tiny(task):
+    tag = f"pytest-pipeline-{task}-{os.getpid()}"
+    env = dict(os.environ, TASK=task, MODEL="tiny", TAG=tag, INIT_STEPS="2", PPO_UPDATES="1", PPO_ENVS="2", PPO_STEPS="1",
                MAX_NEW_TOKENS="8", EVAL_EPISODES="2", EXTRA_SFT="--micro-batch-size 2",
                EXTRA_PPO="--micro-batch-size 2", CURVE_POINTS="2", SEED="7")
     try:
-        out = subprocess.run(["bash", "scripts/paper_pipeline_gp_l.sh"], cwd=ROOT, env=env, capture_output=True,
+        out = subprocess.run(["bash", "scripts/paper_pipeline.sh"], cwd=ROOT, env=env, capture_output=True,
                              text=True, timeout=600)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         assert "the SFT arm gets" in out.stdout and "--seed 1007 (new examples)" in out.stdout
@@ -24,12 +27,12 @@ def test_paper_pipeline_tiny():
         labels = [c["label"] for c in results["checkpoints"]]
         assert labels[0] == "init" and "sft-arm/final" in labels and "rl-arm/update_0001" in labels, labels
         assert "| init | sft-arm/" in out.stdout and os.path.getsize(os.path.join(ROOT, "runs", f"{tag}-eval",
-                                                                                   "curves_gp-l.png")) > 1000
+                                                                                   f"curves_{task}.png")) > 1000
         sft_args = json.load(open(os.path.join(ROOT, "runs", f"{tag}-sft-arm", "final", "trainer_state.json")))["args"]
         init_args = json.load(open(os.path.join(ROOT, "runs", f"{tag}-init", "final", "trainer_state.json")))["args"]
         assert (init_args["seed"], sft_args["seed"]) == (7, 1007)  # the SFT arm's data stream is not the init's
     finally:
-        for path in glob.glob(os.path.join(ROOT, "runs", f"{tag}-*")) + glob.glob(os.path.join(ROOT, "runs", f"gp-l__{tag}-*")):
+        for path in glob.glob(os.path.join(ROOT, "runs", f"{tag}-*")) + glob.glob(os.path.join(ROOT, "runs", f"{task}__{tag}-*")):
             shutil.rmtree(path, ignore_errors=True)
 
 

@@ -1,6 +1,8 @@
 """Bad command-line input to ppo_generalpoints.py and ppo_virl.py (issue 15): every case stops with one line
 `error: ...`, exit status != 0, no traceback, and writes nothing (no run directory under the working directory's
-runs/, a finished run untouched). Each case runs the script in a subprocess on the tiny model."""
+runs/, a finished run untouched), on the tiny model. The cases in REAL run the script in a subprocess of their own (the
+real CLI path); the others run as `python SCRIPT ...` would, one python process per script
+(conftest.run_in_one_process)."""
 import os
 import shutil
 import subprocess
@@ -113,6 +115,11 @@ ONLY = {
         (["--straight-line-length", "0"], "--straight-line-length must be >= 1"),
     ],
 }
+REAL = [  # per script: an argument check, a --resume refused after reading sys.argv, a load failing inside safetensors
+    ["--num-envs", "0"], ["--resume", "D/runs/NAME/checkpoints/update_0001", "--lr", "1e-3"],
+    ["--model-path", "D/truncated_ckpt"]]
+
+
 def snapshot(root) -> dict:
     """{path: bytes (None for a directory)} of everything under root."""
     return {os.path.join(r, n): None if n in dirs else open(os.path.join(r, n), "rb").read()
@@ -122,18 +129,48 @@ def snapshot(root) -> dict:
 CASES = [(script, args, message) for script in SCRIPTS for args, message in BOTH + ONLY[script]]
 
 
-@pytest.mark.parametrize("script,args,message", CASES,
-                         ids=[f"{s[4:-3]}: {' '.join(a)[:60]}" for s, a, _ in CASES])
-def test_bad_input_stops_with_one_line_before_anything_is_written(script, args, message, files, tmp_path):
-    name = script[:-3]
-    args = [a.replace("D/", str(files) + "/").replace("NAME", name) for a in args]
-    before = snapshot(files / "runs")
+def argv(script: str, args: list, files) -> list:
+    args = [a.replace("D/", str(files) + "/").replace("NAME", script[:-3]) for a in args]
     defaults = [] if "--resume" in args else \
         (["--model-path", "tiny"] if "--model-path" not in args else []) + TINY
-    p = run(script, [*defaults, *args], tmp_path)
+    return [*defaults, *args]
+
+
+@pytest.fixture(scope="module")
+def batched(files, tmp_path_factory, one_process):
+    """(result, its working directory, finished runs byte-identical after the batch) of a case not in REAL: all such
+    cases of a script run in one python process, when the first of them asks."""
+    done = {}
+
+    def result(script: str, args: list):
+        if script not in done:
+            cases = [a for s, a, _ in CASES if s == script and a not in REAL]
+            work = tmp_path_factory.mktemp(f"batch_{script[:-3]}")
+            cwds = [work / f"case{i}" for i in range(len(cases))]
+            for cwd in cwds:
+                cwd.mkdir()
+            before = snapshot(files / "runs")
+            out = one_process(os.path.join(ROOT, script), [(argv(script, a, files), c) for a, c in zip(cases, cwds)],
+                              work, watch=[files / "runs"])
+            unchanged = snapshot(files / "runs") == before
+            done[script] = {tuple(a): (r, c, unchanged) for a, r, c in zip(cases, out, cwds)}
+        return done[script][tuple(args)]
+    return result
+
+
+@pytest.mark.parametrize("script,args,message", CASES,
+                         ids=[f"{s[4:-3]}: {' '.join(a)[:60]}" for s, a, _ in CASES])
+def test_bad_input_stops_with_one_line_before_anything_is_written(script, args, message, files, tmp_path, batched):
+    if args in REAL:
+        before = snapshot(files / "runs")
+        p, cwd = run(script, argv(script, args, files), tmp_path), tmp_path
+        touched = [] if snapshot(files / "runs") == before else ["the finished runs"]
+    else:
+        p, cwd, unchanged = batched(script, args)
+        touched = p.touched + ([] if unchanged else ["the finished runs, after the batch"])
     lines = p.stderr.strip().splitlines()
     assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert lines and lines[-1].startswith("error: ") and message in lines[-1], p.stderr[-3000:]
     assert sum("error" in line for line in lines) == 1, p.stderr[-3000:]  # one line
-    assert not (tmp_path / "runs").exists()  # no run directory
-    assert snapshot(files / "runs") == before  # the finished runs are untouched
+    assert not (cwd / "runs").exists()  # no run directory
+    assert touched == []  # the finished runs are untouched
