@@ -14,15 +14,17 @@ cd "$(dirname "$0")/.."
 TASK=${TASK:-gp-l}                           # gp-l | virl-l
 MODEL=${MODEL:-default}                      # sft.py --model-path for the initial checkpoint
 SEED=${SEED:-42}                             # init and RL arm; the SFT arm trains on SEED + 1000's examples
-CURVE_POINTS=${CURVE_POINTS:-2}              # checkpoints per arm on the curves (each one is evaluated)
-TAG=${TAG:-$TASK}                           # run-name prefix
+CURVE_POINTS=${CURVE_POINTS:-1}              # checkpoints per arm on the curves (each one is evaluated)
+TAG=${TAG:-$TASK}                            # run-name prefix
 INIT_STEPS=${INIT_STEPS:-30}                 # SFT steps (x8 examples) of the initial checkpoint
 LR=${LR:-1e-5}                               # the shared learning rate of both arms (paper: one LR per experiment)
-PPO_UPDATES=${PPO_UPDATES:-2}
-PPO_ENVS=${PPO_ENVS:-16}  # 16 x 1 = the 16 samples per update of the earlier 8 x 2, with half the sequential
-PPO_STEPS=${PPO_STEPS:-1}  # generate calls (benchmarks/bench_rollout.py: 44% of the earlier rollout time per step)
+# RL arm, sized by the sweep in the README (Results): 8 updates x 32 fresh single-turn episodes, 2 PPO epochs
+PPO_UPDATES=${PPO_UPDATES:-8}
+PPO_ENVS=${PPO_ENVS:-32}
+PPO_STEPS=${PPO_STEPS:-1}
+PPO_FLAGS=${PPO_FLAGS:---update-epochs 2 --no-enable-verification}  # official flag: reset after every answer
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-96}
-EVAL_EPISODES=${EVAL_EPISODES:-32}
+EVAL_EPISODES=${EVAL_EPISODES:-64}
 EXTRA_SFT=${EXTRA_SFT:-}                     # extra flags for every sft.py call (tests: tiny settings)
 EXTRA_PPO=${EXTRA_PPO:-}
 EXTRA_EVAL=${EXTRA_EVAL:-}
@@ -43,7 +45,7 @@ fi
 echo "== 2. RL arm: $PPO from $INIT"
 python "$PPO" --task "$TASK" --model-path "$INIT" --exp-name "$TAG-rl-arm" --lr "$LR" --seed "$SEED" \
   --num-updates "$PPO_UPDATES" --num-envs "$PPO_ENVS" --num-steps "$PPO_STEPS" --max-new-tokens "$MAX_NEW_TOKENS" \
-  --eval-every 0 --save-every $(( (PPO_UPDATES + CURVE_POINTS - 1) / CURVE_POINTS )) --logprobs-from-sampling $EXTRA_PPO
+  --eval-every 0 --save-every $(( (PPO_UPDATES + CURVE_POINTS - 1) / CURVE_POINTS )) --logprobs-from-sampling $PPO_FLAGS $EXTRA_PPO
 RL_RUN=$(ls -dt runs/"$TASK"__"$TAG"-rl-arm__* | head -1)
 
 # Training FLOPs of the RL arm beyond the init, 6N D_RL + 2N D_buffer (its metrics.jsonl), and the number of SFT
