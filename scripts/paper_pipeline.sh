@@ -22,7 +22,10 @@ LR=${LR:-1e-5}                               # the shared learning rate of both 
 PPO_UPDATES=${PPO_UPDATES:-8}
 PPO_ENVS=${PPO_ENVS:-32}
 PPO_STEPS=${PPO_STEPS:-1}
-PPO_FLAGS=${PPO_FLAGS:---update-epochs 2 --no-enable-verification}  # official flag: reset after every answer
+# GP-L trains on single-turn episodes (official enable_verification=False: reset after every answer, so every update
+# sees 32 fresh hands); V-IRL keeps whole routes, since a reset after every answer would train on route starts only
+[ "$TASK" = gp-l ] && SINGLE_TURN=--no-enable-verification || SINGLE_TURN=
+PPO_FLAGS=${PPO_FLAGS:---update-epochs 2 $SINGLE_TURN}
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-96}
 EVAL_EPISODES=${EVAL_EPISODES:-64}
 EXTRA_SFT=${EXTRA_SFT:-}                     # extra flags for every sft.py call (tests: tiny settings)
