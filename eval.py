@@ -17,7 +17,6 @@ import math
 import os
 import random
 import re
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,9 +26,9 @@ from typing import Annotated, Callable, Literal, Optional
 
 import numpy as np
 import torch
-import transformers
 import tyro
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+
+from common import PREPARED, PrefixCache, is_vl, load_model, tokenizer_of, weights_finite
 
 
 @dataclass
@@ -483,76 +482,6 @@ def means_of(episodes: list[dict], samples: int = 10000, seed: int = 0) -> dict[
             for name, (num, den) in measures_of(episodes).items() if name in MEANS}
 
 
-# ---- copied block "models": identical in sft.py, ppo_generalpoints.py, ppo_virl.py, eval.py (tests/test_copies.py) ----
-CACHE_DIR = os.environ.get("SFTVSRL_CACHE", os.path.expanduser("~/.cache/sftvsrl"))
-PREPARED = {"smollm2": "smollm2-135m-instruct", "smolvlm": "smolvlm-smollm2-135m-256px-v2", "tiny-lm": "tiny-lm-v1",
-            "tiny-vl": "tiny-vl-v1", "tiny-mllama": "tiny-mllama-v1", "tiny-qwen2vl": "tiny-qwen2vl-v1",
-            "tiny-llava": "tiny-llava-v1"}  # the directories make_models.py writes under CACHE_DIR
-
-
-def prepared_path(name: str, vl_task: bool) -> str:
-    """`smollm2` | `smolvlm` | `tiny` | `tiny-mllama` | `tiny-qwen2vl` | `tiny-llava` -> the checkpoint make_models.py
-    builds once under CACHE_DIR (it runs here on first use); any other name is a local path or a hub id, unchanged."""
-    name = {"tiny": "tiny-vl" if vl_task else "tiny-lm"}.get(name, name)
-    if name not in PREPARED:
-        return name
-    path = os.path.join(CACHE_DIR, PREPARED[name])
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "make_models.py")
-        if subprocess.run([sys.executable, script, name]).returncode != 0:
-            raise ValueError(f"building {name!r} failed (see above): run `python make_models.py {name}`")
-    return path
-
-
-def load_model(name: str, vl_task: bool, dtype=torch.float32):
-    """A checkpoint (see prepared_path) -> (model, processor); the processor is a tokenizer for text models."""
-    path = prepared_path(name, vl_task)
-    is_vl_ckpt = hasattr(AutoConfig.from_pretrained(path), "vision_config")
-    if vl_task and not is_vl_ckpt:
-        raise ValueError(f"{name} is a text-only model and cannot take images; a VL task needs an "
-                         "image-text-to-text model (e.g. --model-path smolvlm or tiny)")
-    auto_model = AutoModelForImageTextToText if is_vl_ckpt else AutoModelForCausalLM
-    model = auto_model.from_pretrained(path, dtype=dtype)
-    processor = load_processor(path) if is_vl_ckpt else AutoTokenizer.from_pretrained(path)
-    tok = tokenizer_of(processor)
-    if not getattr(tok, "chat_template", None) and not getattr(processor, "chat_template", None):
-        raise ValueError("it has no chat template: prompts go through the checkpoint's own chat template (use an "
-                         "instruct/SFT checkpoint)")
-    if tok.eos_token_id is None:
-        raise ValueError("its tokenizer has no eos token")
-    if tok.pad_token_id is None:  # every mask here comes from lengths, so pad may equal eos
-        tok.pad_token = tok.eos_token
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    return model.to(dtype), processor
-
-
-def load_processor(path: str):
-    """AutoProcessor; a processor that holds a video processor (Qwen2-VL) needs torchvision, which is not installed
-    here: then the same class without it (image tasks never call it; it saves as the real class)."""
-    try:
-        return AutoProcessor.from_pretrained(path)
-    except (OSError, ImportError, AttributeError):
-        import importlib.util
-        import transformers
-        from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
-        if importlib.util.find_spec("torchvision"):
-            raise
-        cls = getattr(transformers, PROCESSOR_MAPPING_NAMES[AutoConfig.from_pretrained(path).model_type])
-        names = [a for a in cls.get_attributes() if a != "video_processor"]
-        return type(cls.__name__, (cls,), {"get_attributes": classmethod(lambda c: names)}).from_pretrained(path)
-
-
-def tokenizer_of(processor):
-    return getattr(processor, "tokenizer", processor)
-
-
-def is_vl(processor) -> bool:
-    return hasattr(processor, "image_processor")
-# ---- end copied block "models" ----
-
-
-
 def chat_inputs(processor, conversations: list, images: Optional[list] = None, add_generation_prompt: bool = True,
                 padding_side: str = "left"):
     """Chat messages (+ one PIL image for the first user message) -> padded model inputs via the chat template.
@@ -577,80 +506,6 @@ def chat_inputs(processor, conversations: list, images: Optional[list] = None, a
         return processor(text=texts, images=[[im] for im in images], padding=True, add_special_tokens=False,
                          return_tensors="pt")
     return tok(texts, padding=True, add_special_tokens=False, return_tensors="pt")
-
-
-# ---- copied block "prefix-cache": identical in eval.py, ppo_generalpoints.py and ppo_virl.py (tests/test_copies.py) ----
-class PrefixCache:
-    """KV-cache reuse for batched generation with a text model: keeps the keys/values of the sequences it generated
-    lately and, for each new prompt, prefills only what follows the longest prefix it shares with one of them: the
-    conversation so far (cross-turn) or the system prompt and task template of another episode (shared prefix).
-    Masks and the cumsum position ids of generate() skip the left pads, so every token sees the same context at the
-    same position as in a plain forward over the whole prompt."""
-
-    def __init__(self, model):
-        self.model, self.entries = model, []  # entries: (token ids (T,), [(keys, values) per layer, each (H, T, D)])
-
-    def match(self, ids: np.ndarray) -> tuple:
-        """(entry, length) of the longest common prefix with a stored sequence, leaving >= 1 token to feed."""
-        best = (None, 0)
-        for entry in self.entries:
-            n = min(len(entry[0]), len(ids) - 1)
-            if n > best[1]:
-                diff = np.flatnonzero(entry[0][:n] != ids[:n])
-                common = int(diff[0]) if len(diff) else n
-                best = (entry, common) if common > best[1] else best
-        return best
-
-    @torch.no_grad()
-    def generate(self, prompts: list, pad_id: int, eos_id: int, device, **generate_kwargs):
-        """prompts: token-id lists -> (model.generate's output (generate_kwargs must ask for return_dict_in_generate),
-        W): sequences (B, W + new tokens), the first W columns the left-padded prompts. Stores the KV of every prompt +
-        response (but its last token) for the next call."""
-        ids = [np.asarray(p) for p in prompts]
-        matches = [self.match(x) for x in ids]
-        L = 0  # the prefix common to all prompts of this call (system prompt, task template): prefilled once
-        while len(ids) > 1 and all(len(x) > L + 1 and x[L] == ids[0][L] for x in ids):
-            L += 1
-        if L >= 8 and any(c < L for _, c in matches):
-            cache = transformers.DynamicCache(config=self.model.config)
-            self.model(input_ids=torch.from_numpy(ids[0][None, :L]).to(device), cache=cache, use_cache=True)
-            self.entries.append((ids[0][:L], [(layer.keys[0], layer.values[0]) for layer in cache.layers]))
-            matches = [self.match(x) for x in ids]
-        B, C = len(ids), max(c for _, c in matches)
-        R = max(len(x) - c for x, (_, c) in zip(ids, matches))
-        input_ids = torch.full((B, C + R), pad_id, dtype=torch.long)  # layout per row: [pad, reused | pad, new]
-        attention_mask = torch.zeros((B, C + R), dtype=torch.long)
-        layers = None
-        if C > 0:
-            layers = []
-            for l in range(len(self.entries[0][1])):
-                k0 = self.entries[0][1][l][0]
-                keys = k0.new_zeros((B, k0.shape[0], C, k0.shape[2]))  # (B, H, C, D)
-                values = torch.zeros_like(keys)
-                for i, (entry, c) in enumerate(matches):
-                    if c:
-                        keys[i, :, C - c:], values[i, :, C - c:] = entry[1][l][0][:, :c], entry[1][l][1][:, :c]
-                layers.append((keys.to(device), values.to(device)))
-        cache = transformers.DynamicCache(layers, config=self.model.config)
-        for i, (x, (_, c)) in enumerate(zip(ids, matches)):
-            input_ids[i, C - c:C], attention_mask[i, C - c:C] = torch.from_numpy(x[:c]), 1
-            input_ids[i, C + R - (len(x) - c):], attention_mask[i, C + R - (len(x) - c):] = torch.from_numpy(x[c:]), 1
-        out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                  cache=cache, **generate_kwargs)
-        # an entry that a new prompt extends entirely is superseded by it; the others stay (shared prefixes,
-        # episodes not in this call), the most recent 2B of them
-        superseded = {id(entry) for entry, c in matches if entry is not None and c == len(entry[0])}
-        self.entries = [entry for entry in self.entries if id(entry) not in superseded]
-        for i, (x, (_, c)) in enumerate(zip(ids, matches)):
-            response = out.sequences[i, C + R:].tolist()
-            n = response.index(eos_id) + 1 if eos_id in response else len(response)
-            keep = torch.cat([torch.arange(C - c, C), torch.arange(C + R - (len(x) - c), C + R + n - 1)]).to(device)
-            kv = [(layer.keys[i].index_select(1, keep), layer.values[i].index_select(1, keep))
-                  for layer in cache.layers]  # per layer (H, T, D)
-            self.entries.append((np.concatenate([x, np.asarray(response[:n - 1], dtype=x.dtype)]), kv))
-        self.entries = self.entries[-2 * B:]
-        return out, C + R
-# ---- end copied block "prefix-cache" ----
 
 
 class ModelPolicy:
@@ -1196,10 +1051,6 @@ def checkpoint_weights_problem(path: str) -> Optional[str]:
         except Exception as e:  # noqa: BLE001  (safetensors raises its own error type)
             return f"{name} cannot be read, truncated or corrupt ({type(e).__name__}: {str(e)[:200]})"
     return None
-
-
-def weights_finite(model) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
 def make_output_dir(args: Args) -> str:

@@ -13,13 +13,9 @@ V(s) = MLP(final hidden state of the last prompt token); GAE over environment st
     python ppo_generalpoints.py --resume runs/<run>/checkpoints/update_0002      # continue a run
 """
 import copy
-import json
 import math
 import os
-import pickle
 import random
-import shutil
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -33,78 +29,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 import transformers
 import tyro
-from torch.utils.tensorboard import SummaryWriter
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
+from common import (PREPARED, PrefixCache, check_finite, disable_dropout, fail, fsdp_shard, is_vl, load_model,
+                    load_resume_files, open_run, read_d_init, reduce_metrics, resume_run, safe_step,
+                    save_ppo_checkpoint, setup_distributed, tokenizer_of, unwrap, weights_finite)
 from envs import GP_OUTCOMES, REWARD_FN, GeneralPointsEnv, gp_probes
-
-# ---- copied block "models": identical in sft.py, ppo_generalpoints.py, ppo_virl.py, eval.py (tests/test_copies.py) ----
-CACHE_DIR = os.environ.get("SFTVSRL_CACHE", os.path.expanduser("~/.cache/sftvsrl"))
-PREPARED = {"smollm2": "smollm2-135m-instruct", "smolvlm": "smolvlm-smollm2-135m-256px-v2", "tiny-lm": "tiny-lm-v1",
-            "tiny-vl": "tiny-vl-v1", "tiny-mllama": "tiny-mllama-v1", "tiny-qwen2vl": "tiny-qwen2vl-v1",
-            "tiny-llava": "tiny-llava-v1"}  # the directories make_models.py writes under CACHE_DIR
-
-
-def prepared_path(name: str, vl_task: bool) -> str:
-    """`smollm2` | `smolvlm` | `tiny` | `tiny-mllama` | `tiny-qwen2vl` | `tiny-llava` -> the checkpoint make_models.py
-    builds once under CACHE_DIR (it runs here on first use); any other name is a local path or a hub id, unchanged."""
-    name = {"tiny": "tiny-vl" if vl_task else "tiny-lm"}.get(name, name)
-    if name not in PREPARED:
-        return name
-    path = os.path.join(CACHE_DIR, PREPARED[name])
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "make_models.py")
-        if subprocess.run([sys.executable, script, name]).returncode != 0:
-            raise ValueError(f"building {name!r} failed (see above): run `python make_models.py {name}`")
-    return path
-
-
-def load_model(name: str, vl_task: bool, dtype=torch.float32):
-    """A checkpoint (see prepared_path) -> (model, processor); the processor is a tokenizer for text models."""
-    path = prepared_path(name, vl_task)
-    is_vl_ckpt = hasattr(AutoConfig.from_pretrained(path), "vision_config")
-    if vl_task and not is_vl_ckpt:
-        raise ValueError(f"{name} is a text-only model and cannot take images; a VL task needs an "
-                         "image-text-to-text model (e.g. --model-path smolvlm or tiny)")
-    auto_model = AutoModelForImageTextToText if is_vl_ckpt else AutoModelForCausalLM
-    model = auto_model.from_pretrained(path, dtype=dtype)
-    processor = load_processor(path) if is_vl_ckpt else AutoTokenizer.from_pretrained(path)
-    tok = tokenizer_of(processor)
-    if not getattr(tok, "chat_template", None) and not getattr(processor, "chat_template", None):
-        raise ValueError("it has no chat template: prompts go through the checkpoint's own chat template (use an "
-                         "instruct/SFT checkpoint)")
-    if tok.eos_token_id is None:
-        raise ValueError("its tokenizer has no eos token")
-    if tok.pad_token_id is None:  # every mask here comes from lengths, so pad may equal eos
-        tok.pad_token = tok.eos_token
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    return model.to(dtype), processor
-
-
-def load_processor(path: str):
-    """AutoProcessor; a processor that holds a video processor (Qwen2-VL) needs torchvision, which is not installed
-    here: then the same class without it (image tasks never call it; it saves as the real class)."""
-    try:
-        return AutoProcessor.from_pretrained(path)
-    except (OSError, ImportError, AttributeError):
-        import importlib.util
-        import transformers
-        from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
-        if importlib.util.find_spec("torchvision"):
-            raise
-        cls = getattr(transformers, PROCESSOR_MAPPING_NAMES[AutoConfig.from_pretrained(path).model_type])
-        names = [a for a in cls.get_attributes() if a != "video_processor"]
-        return type(cls.__name__, (cls,), {"get_attributes": classmethod(lambda c: names)}).from_pretrained(path)
-
-
-def tokenizer_of(processor):
-    return getattr(processor, "tokenizer", processor)
-
-
-def is_vl(processor) -> bool:
-    return hasattr(processor, "image_processor")
-# ---- end copied block "models" ----
 
 
 @dataclass
@@ -255,86 +184,7 @@ PROBES = tuple(gp_probes("", ["A"] * 4))  # the probe names (rollout/probe/*, de
 ENV_ERROR_REWARD = min(REWARD_FN.values())  # -3 (ILLEGAL_FORMULA): an answer the env cannot score (detail #28)
 
 
-# ---- copied block "prefix-cache": identical in eval.py, ppo_generalpoints.py and ppo_virl.py (tests/test_copies.py) ----
-class PrefixCache:
-    """KV-cache reuse for batched generation with a text model: keeps the keys/values of the sequences it generated
-    lately and, for each new prompt, prefills only what follows the longest prefix it shares with one of them: the
-    conversation so far (cross-turn) or the system prompt and task template of another episode (shared prefix).
-    Masks and the cumsum position ids of generate() skip the left pads, so every token sees the same context at the
-    same position as in a plain forward over the whole prompt."""
-
-    def __init__(self, model):
-        self.model, self.entries = model, []  # entries: (token ids (T,), [(keys, values) per layer, each (H, T, D)])
-
-    def match(self, ids: np.ndarray) -> tuple:
-        """(entry, length) of the longest common prefix with a stored sequence, leaving >= 1 token to feed."""
-        best = (None, 0)
-        for entry in self.entries:
-            n = min(len(entry[0]), len(ids) - 1)
-            if n > best[1]:
-                diff = np.flatnonzero(entry[0][:n] != ids[:n])
-                common = int(diff[0]) if len(diff) else n
-                best = (entry, common) if common > best[1] else best
-        return best
-
-    @torch.no_grad()
-    def generate(self, prompts: list, pad_id: int, eos_id: int, device, **generate_kwargs):
-        """prompts: token-id lists -> (model.generate's output (generate_kwargs must ask for return_dict_in_generate),
-        W): sequences (B, W + new tokens), the first W columns the left-padded prompts. Stores the KV of every prompt +
-        response (but its last token) for the next call."""
-        ids = [np.asarray(p) for p in prompts]
-        matches = [self.match(x) for x in ids]
-        L = 0  # the prefix common to all prompts of this call (system prompt, task template): prefilled once
-        while len(ids) > 1 and all(len(x) > L + 1 and x[L] == ids[0][L] for x in ids):
-            L += 1
-        if L >= 8 and any(c < L for _, c in matches):
-            cache = transformers.DynamicCache(config=self.model.config)
-            self.model(input_ids=torch.from_numpy(ids[0][None, :L]).to(device), cache=cache, use_cache=True)
-            self.entries.append((ids[0][:L], [(layer.keys[0], layer.values[0]) for layer in cache.layers]))
-            matches = [self.match(x) for x in ids]
-        B, C = len(ids), max(c for _, c in matches)
-        R = max(len(x) - c for x, (_, c) in zip(ids, matches))
-        input_ids = torch.full((B, C + R), pad_id, dtype=torch.long)  # layout per row: [pad, reused | pad, new]
-        attention_mask = torch.zeros((B, C + R), dtype=torch.long)
-        layers = None
-        if C > 0:
-            layers = []
-            for l in range(len(self.entries[0][1])):
-                k0 = self.entries[0][1][l][0]
-                keys = k0.new_zeros((B, k0.shape[0], C, k0.shape[2]))  # (B, H, C, D)
-                values = torch.zeros_like(keys)
-                for i, (entry, c) in enumerate(matches):
-                    if c:
-                        keys[i, :, C - c:], values[i, :, C - c:] = entry[1][l][0][:, :c], entry[1][l][1][:, :c]
-                layers.append((keys.to(device), values.to(device)))
-        cache = transformers.DynamicCache(layers, config=self.model.config)
-        for i, (x, (_, c)) in enumerate(zip(ids, matches)):
-            input_ids[i, C - c:C], attention_mask[i, C - c:C] = torch.from_numpy(x[:c]), 1
-            input_ids[i, C + R - (len(x) - c):], attention_mask[i, C + R - (len(x) - c):] = torch.from_numpy(x[c:]), 1
-        out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                  cache=cache, **generate_kwargs)
-        # an entry that a new prompt extends entirely is superseded by it; the others stay (shared prefixes,
-        # episodes not in this call), the most recent 2B of them
-        superseded = {id(entry) for entry, c in matches if entry is not None and c == len(entry[0])}
-        self.entries = [entry for entry in self.entries if id(entry) not in superseded]
-        for i, (x, (_, c)) in enumerate(zip(ids, matches)):
-            response = out.sequences[i, C + R:].tolist()
-            n = response.index(eos_id) + 1 if eos_id in response else len(response)
-            keep = torch.cat([torch.arange(C - c, C), torch.arange(C + R - (len(x) - c), C + R + n - 1)]).to(device)
-            kv = [(layer.keys[i].index_select(1, keep), layer.values[i].index_select(1, keep))
-                  for layer in cache.layers]  # per layer (H, T, D)
-            self.entries.append((np.concatenate([x, np.asarray(response[:n - 1], dtype=x.dtype)]), kv))
-        self.entries = self.entries[-2 * B:]
-        return out, C + R
-# ---- end copied block "prefix-cache" ----
-
-
 # ---- copied block "ppo": identical in ppo_generalpoints.py and ppo_virl.py (tests/test_copies.py) ----
-def fail(msg: str):
-    """Stop with one clear line and exit status 1, no traceback (detail #27)."""
-    raise SystemExit(f"error: {msg}")
-
-
 def exact_div(a: int, b: int, what: str) -> int:
     if b <= 0 or a % b != 0:
         fail(f"batch layout does not divide: {what} ({a} / {b})")
@@ -345,12 +195,6 @@ def lr_at(update: int, lr: float, end_lr: float, lr_max_steps: int) -> float:
     """Cosine decay from lr to end_lr over lr_max_steps updates, held at end_lr afterwards (detail #16)."""
     frac = min(update, lr_max_steps) / lr_max_steps
     return end_lr + (lr - end_lr) * 0.5 * (1.0 + math.cos(math.pi * frac))
-
-
-def disable_dropout(model: nn.Module):
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
 
 
 class ValueHead(nn.Module):
@@ -383,10 +227,6 @@ class Agent(nn.Module):
         P = input_ids.shape[1] - num_response_tokens
         value = self.value_head(out.hidden_states[-1][:, P - 1])  # (B,) last prompt token (left padding)
         return out.logits[:, :-1], value  # (B, R, V): position P-1+j predicts response token j
-
-
-def unwrap(agent) -> "Agent":
-    return agent.module if hasattr(agent, "module") else agent
 
 
 def answer_start(tokenizer, response_ids: list[int], answer_key: str) -> Optional[int]:
@@ -578,191 +418,11 @@ def normalize_advantages(adv: torch.Tensor, mode: str, world_size: int) -> torch
     return (adv - mean) / (std + 1e-5)
 
 
-def check_finite(name: str, x: torch.Tensor, context: str):
-    """Fail loudly before anything is saved (detail #19)."""
-    if not torch.isfinite(x).all():
-        fail(f"non-finite {name} ({x.detach().flatten()[:4].tolist()}) at {context}; stopping without writing a "
-             "checkpoint (lower --lr, check --max-grad-norm, or inspect the samples)")
-
-
-def weights_finite(module: nn.Module) -> bool:
-    """Every parameter is finite, on every rank (FSDP: each rank checks its shards, then all ranks agree)."""
-    ok = all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in module.parameters())
-    if dist.is_initialized():
-        flag = torch.tensor(float(ok), device=next(module.parameters()).device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        ok = bool(flag)
-    return ok
-
-
-def reduce_metrics(local: dict, world_size: int) -> dict:
-    """One all_gather for all the metrics of an update: counts are summed over ranks, `*_max` maximised, the rest
-    averaged (NaN-aware)."""
-    if world_size == 1:
-        return local
-    keys = sorted(local)
-    parts = [torch.zeros(len(keys), dtype=torch.float64) for _ in range(world_size)]
-    dist.all_gather(parts, torch.tensor([local[k] for k in keys], dtype=torch.float64))
-    col = torch.stack(parts)  # (world_size, K)
-    return {k: (col[:, j].sum() if k.startswith(("rollout/outcome/", "rollout/episodes", "rollout/successes"))
-                else col[:, j].max() if k.endswith("_max") else col[:, j].nanmean()).item() for j, k in enumerate(keys)}
-
-
 def probe_means(probes: list[dict], names: tuple) -> dict:
     """rollout/probe/<name>: each probe's mean over the answers where it is measurable, NaN where none is (the same
     keys on every rank, so reduce_metrics averages them; detail #30)."""
     values = {k: [float(p[k]) for p in probes if p[k] is not None] for k in names}
     return {f"rollout/probe/{k}": float(np.mean(v)) if v else float("nan") for k, v in values.items()}
-
-
-def read_d_init(path: str) -> int:
-    """D_init of the FLOPs formula: the tokens the initial checkpoint was trained on (detail #23)."""
-    state = os.path.join(path, "trainer_state.json")
-    state = json.load(open(state)) if os.path.isfile(state) else {}
-    return int(state.get("tokens_trained", 0)) + int(state.get("d_init_tokens", 0))
-
-
-def save_ppo_checkpoint(path: str, agent, processor, optimizer, state: dict, rank_state: dict, rank: int,
-                        world_size: int, fsdp: bool):
-    """save_pretrained + value_head.pt + optimizer + trainer_state.json + per-rank RNG/env state, written into
-    `path.tmp` and renamed only when complete (detail #24). A re-save moves the old copy to `path.old` until the
-    new one is in place; `recover_checkpoints` renames a lone `path.old` back after a kill between the renames."""
-    if not weights_finite(agent):
-        fail(f"the weights are not finite; stopping without writing {path} (lower --lr)")
-    tmp = path + ".tmp"
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        full = get_model_state_dict(agent, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    else:
-        full = unwrap(agent).state_dict()
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        policy_sd = {k[len("policy."):]: v for k, v in full.items() if k.startswith("policy.")}
-        unwrap(agent).policy.save_pretrained(tmp, state_dict=policy_sd)  # + generation_config
-        processor.save_pretrained(tmp)
-        torch.save({k[len("value_head."):]: v for k, v in full.items() if k.startswith("value_head.")},
-                   os.path.join(tmp, "value_head.pt"))
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump(state, f, indent=1)
-    if world_size > 1:
-        dist.barrier()
-    # FSDP: each rank keeps its optimizer shard (resume needs the same world size); else rank 0 writes it
-    if fsdp or rank == 0:
-        torch.save(optimizer.state_dict(), os.path.join(tmp, f"optimizer_rank{rank}.pt" if fsdp else "optimizer.pt"))
-    with open(os.path.join(tmp, f"rank{rank}_state.pkl"), "wb") as f:
-        pickle.dump(rank_state, f)
-    if world_size > 1:
-        dist.barrier()
-    if rank == 0:
-        old = path + ".old"
-        if os.path.exists(path):  # a re-save: the old copy moves aside until the new one is in place
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(tmp, path)  # from here on `path` is the new copy; at every moment one copy is complete
-        shutil.rmtree(old, ignore_errors=True)
-    if world_size > 1:
-        dist.barrier()
-
-
-def safe_step(env, text: str, error_reward: float):
-    """env.step(text); an answer that makes the environment raise is a failed step, never the end of the run
-    (detail #28): `error_reward`, outcome ENV_ERROR, truncated (the caller resets the episode), the error in
-    info["error"] and the answer printed in full so that it can be replayed."""
-    try:
-        return env.step(text)
-    except Exception as e:  # noqa: BLE001  (whatever the verifier cannot handle)
-        error = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
-        print(f"env error on instance {getattr(env, 'instance_id', None)} ({error}): recorded as a failed step "
-              f"(reward {error_reward}), episode reset; response {text!r}", flush=True)
-        info = dict(outcome="ENV_ERROR", error=error, is_success=False, is_correct=False, cards_correct=False)
-        return None, error_reward, False, True, info
-
-
-# run identity and resume (detail #29)
-RESUME_KEEPS = ("resume", "num_updates", "save_every", "eval_every", "track")  # what --resume takes from the CLI
-
-
-def resume_flags(argv: list) -> tuple:
-    """--resume continues with the arguments stored in its checkpoint -> (the RESUME_KEEPS fields given in `argv`,
-    which it applies; the other flags given, which it would ignore and so refuses)."""
-    applied, ignored = [], []
-    for a in argv:
-        if a.startswith("--") and len(a) > 2:
-            flag = a[2:].split("=", 1)[0].replace("_", "-")
-            name = flag.replace("-", "_")
-            name = name[3:] if name.startswith("no_") and name[3:] in RESUME_KEEPS else name  # --no-track
-            (applied if name in RESUME_KEEPS else ignored).append(name if name in RESUME_KEEPS else "--" + flag)
-    return list(dict.fromkeys(applied)), list(dict.fromkeys(ignored))
-
-
-def recover_checkpoints(ckpt_dir: str):
-    """Finish a re-save killed between its two renames: in RUN/checkpoints, a lone update_XXXX.old is renamed back;
-    one beside a complete update_XXXX (only its deletion was missing) is deleted."""
-    for name in sorted(os.listdir(ckpt_dir)) if os.path.isdir(ckpt_dir) else []:
-        old, new = os.path.join(ckpt_dir, name), os.path.join(ckpt_dir, name[: -len(".old")])
-        if name.endswith(".old") and os.path.isdir(old):
-            if os.path.isdir(new):
-                shutil.rmtree(old)
-            else:
-                os.replace(old, new)
-
-
-def resolve_resume(path: str, rank: int = 0, world_size: int = 1) -> str:
-    """--resume RUN (its highest complete update) or RUN/checkpoints/update_XXXX -> the checkpoint directory, after
-    rank 0 has finished any re-save that a kill interrupted (recover_checkpoints)."""
-    path = os.path.normpath(path)
-    if os.path.basename(path).endswith((".tmp", ".old")):
-        fail(f"--resume {path}: a *.tmp or *.old directory belongs to an interrupted save, never a complete "
-             "checkpoint; resume from the run directory or a complete update_XXXX")
-    ckpt_dir = os.path.join(path, "checkpoints")
-    recover = ckpt_dir if os.path.isdir(ckpt_dir) else os.path.dirname(path)
-    if rank == 0 and os.path.basename(recover) == "checkpoints":
-        recover_checkpoints(recover)
-    if world_size > 1:
-        dist.barrier()
-    if os.path.isdir(ckpt_dir) and not os.path.isfile(os.path.join(path, "trainer_state.json")):
-        done = [d for d in os.listdir(ckpt_dir) if d.startswith("update_") and d[7:].isdigit()
-                and os.path.isfile(os.path.join(ckpt_dir, d, "trainer_state.json"))]
-        if not done:
-            fail(f"--resume {path}: the run has no complete checkpoint in {ckpt_dir}")
-        path = os.path.join(ckpt_dir, max(done, key=lambda d: int(d[7:])))
-    if not os.path.isfile(os.path.join(path, "trainer_state.json")):
-        fail(f"--resume {path} is not a PPO checkpoint (no trainer_state.json)")
-    if os.path.basename(os.path.dirname(path)) != "checkpoints":
-        fail(f"--resume {path}: a checkpoint is resumed inside its run (RUN/checkpoints/update_XXXX); to start a new "
-             "run from it, pass it as --model-path")
-    return path
-
-
-def new_run_dir(base: str) -> str:
-    """runs/{base}, else runs/{base}__2, __3, ...: created atomically (os.makedirs, exist_ok=False), so a new run
-    never writes into an existing directory, not even one made in the same second by another run."""
-    for k in range(1, 10_000):
-        run_dir = os.path.join("runs", base if k == 1 else f"{base}__{k}")
-        try:
-            os.makedirs(run_dir)
-            return run_dir
-        except FileExistsError:
-            continue
-    fail(f"no free run directory runs/{base}__k")
-
-
-def truncate_metrics(path: str, update: int):
-    """Resuming after `update`: drop the metrics.jsonl rows the interrupted run logged after it (and a line cut by
-    the crash), so that the file continues without duplicate rows. Rewritten atomically."""
-    if not os.path.isfile(path):
-        return
-    keep = []
-    for line in open(path):
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and row.get("update", 0) <= update:
-            keep.append(line.rstrip("\n") + "\n")
-    with open(path + ".tmp", "w") as f:
-        f.writelines(keep)
-    os.replace(path + ".tmp", path)
 # ---- end copied block "ppo" ----
 
 
@@ -858,43 +518,14 @@ def check_args(args: Args):
 if __name__ == "__main__":
     args = tyro.cli(Args)
     check_args(args)
-    applied, ignored = resume_flags(sys.argv[1:]) if args.resume else ([], [])
-    if ignored:  # detail #29
-        fail(f"--resume continues the run with the arguments stored in its checkpoint and applies only "
-             f"{', '.join('--' + k.replace('_', '-') for k in RESUME_KEEPS)}; leave out {' '.join(ignored)}")
     # TRY NOT TO MODIFY: distributed set-up (nanoGPT style: the same file runs under python and torchrun, detail #25)
-    distributed, use_cuda = "RANK" in os.environ, torch.cuda.is_available() and args.cuda
-    if distributed:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    fsdp = distributed and args.dist == "fsdp"
+    distributed, rank, world_size, device = setup_distributed(args.cuda)
 
     # resume: the checkpoint carries the weights, the arguments that define the run and the run directory (detail #29)
-    resume_state, run_name, run_dir = None, None, None
+    resume_state, run_dir, resumed_update = None, None, None
     if args.resume:
-        args.resume = resolve_resume(args.resume, rank, world_size)
-        try:
-            resume_state = json.load(open(os.path.join(args.resume, "trainer_state.json")))
-            keep = {k: getattr(args, k) for k in applied}  # only what the command line gives
-            for key, value in {**resume_state["args"], **keep}.items():  # the run continues with its own arguments
-                setattr(args, key, Official(**value) if key == "official" else value)
-            resumed_update = int(resume_state["step"])
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            fail(f"--resume {args.resume}: its trainer_state.json is unreadable ({type(e).__name__}: {e})")
-        check_args(args)
-        if args.num_updates <= resumed_update:
-            fail(f"--resume {args.resume} is at update {resumed_update} already: pass a larger --num-updates")
-        run_dir = os.path.dirname(os.path.dirname(args.resume))  # RUN/checkpoints/update_XXXX -> RUN
-        run_name = os.path.basename(run_dir)
-        args.model_path = args.resume
-        if rank == 0:
-            print(f"resuming {run_name} after update {resumed_update} with its stored arguments"
-                  + "".join(f", --{k.replace('_', '-')} {getattr(args, k)}" for k in applied if k != "resume"),
-                  flush=True)
-    fsdp = distributed and args.dist == "fsdp"  # again: --resume continues with the stored --dist
+        resume_state, run_dir, resumed_update = resume_run(args, sys.argv[1:], rank, world_size, check_args)
+    fsdp = distributed and args.dist == "fsdp"  # after --resume, which continues with the stored --dist
     args.world_size = world_size
     args.local_batch_size = args.num_envs * args.num_steps
     args.local_minibatch_size = exact_div(args.local_batch_size, args.num_minibatches,
@@ -906,14 +537,6 @@ if __name__ == "__main__":
     if args.model_path not in ("tiny", *PREPARED) and not os.path.exists(args.model_path):
         fail(f"initial checkpoint {args.model_path!r} not found. RL starts from an SFT checkpoint: run `python sft.py "
              f"--task {args.task} --run-name sft-{args.task}-default` first, or pass --model-path <checkpoint dir>")
-
-    def log(metrics: dict, step: int, record: dict):
-        if rank != 0:
-            return
-        for key, value in metrics.items():
-            writer.add_scalar(key, value, step)
-        jsonl.write(json.dumps({**record, **metrics}) + "\n")
-        jsonl.flush()
 
     # TRY NOT TO MODIFY: seeding. Model and value head are built under the base seed (identical on every rank);
     # sampling and env resets use seed + rank (detail #21).
@@ -948,17 +571,7 @@ if __name__ == "__main__":
     pad_id = tokenizer.pad_token_id
     if distributed:
         if fsdp:
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-            mesh = dist.device_mesh.init_device_mesh(device.type, (world_size,))
-            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-                if args.mixed_precision else MixedPrecisionPolicy()
-            layer_classes = tuple(getattr(policy, "_no_split_modules", None) or [])
-            for module in policy.modules():
-                if type(module).__name__ in layer_classes:
-                    fully_shard(module, mesh=mesh, mp_policy=mp)
-            fully_shard(policy, mesh=mesh, mp_policy=mp)  # embeddings, norm, lm_head: generate() calls policy.forward
-            fully_shard(agent, mesh=mesh, mp_policy=mp)  # the value head
+            fsdp_shard(agent, policy, world_size, device, args.mixed_precision)
             # the first forward must go through the root (agent) so that it initialises as the FSDP root
             warm = encode_prompts(processor, [make_env(args, seed=args.seed).reset()[0]], args.task)
             score(agent, [dict(warm[0], response_ids=[], cot_mask=[], answer_mask=[])], pad_id, device, 1, **lp)
@@ -967,36 +580,9 @@ if __name__ == "__main__":
     agent.train()
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.lr, eps=args.adam_eps, weight_decay=0.0)
     if resume_state is not None:
-        opt_file = f"optimizer_rank{rank}.pt" if fsdp else "optimizer.pt"
-        try:
-            optimizer.load_state_dict(torch.load(os.path.join(args.resume, opt_file), weights_only=False))
-            rank_state = pickle.load(open(os.path.join(args.resume, f"rank{rank}_state.pkl"), "rb"))
-        except Exception as e:  # noqa: BLE001  (a missing or truncated file, another world size)
-            fail(f"--resume {args.resume}: {opt_file} or rank{rank}_state.pkl cannot be loaded ({type(e).__name__}: "
-                 f"{str(e)[:200]})")
+        rank_state = load_resume_files(args.resume, optimizer, rank, fsdp)
 
-    # the run directory, only now that every check has passed (detail #29): a new run gets a directory of its own,
-    # --resume continues its checkpoint's run without the rows the interrupted run logged after the checkpoint
-    if rank == 0:
-        if resume_state is None:
-            run_dir = new_run_dir(f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")
-            run_name = os.path.basename(run_dir)
-        else:
-            truncate_metrics(os.path.join(run_dir, "metrics.jsonl"), resumed_update)
-        if args.track:
-            import wandb
-
-            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                       config=asdict(args), name=run_name, save_code=True)
-        writer = SummaryWriter(run_dir)
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % (
-            "\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])))
-        jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
-    if distributed and resume_state is None:  # one run directory for all ranks
-        holder = [run_dir]
-        dist.broadcast_object_list(holder, src=0)
-        run_dir = holder[0]
-        run_name = os.path.basename(run_dir)
+    run_dir, run_name, log = open_run(args, run_dir, resumed_update, rank, distributed)  # detail #29
 
     sampled_lp = args.logprobs_from_sampling and not fsdp
     gen_config = transformers.GenerationConfig(  # the sampler is exactly pi (detail #9)
@@ -1033,13 +619,15 @@ if __name__ == "__main__":
 
     def run_eval(update: int):
         agent.eval()
-        with torch.random.fork_rng(devices=[device] if use_cuda else []):  # training RNG untouched (detail #22)
+        # greedy, with the training RNG untouched (detail #22)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             metrics = evaluate(agent, processor, args, eval_config, device, rank, world_size, synced_gpus=fsdp)
         agent.train()
         log(metrics, global_step, {"update": update, **compute()})
         if rank == 0:
             for key, value in metrics.items():  # the same curve against compute (the paper's x axis)
-                writer.add_scalar(key.replace("eval/", "eval_vs_gflops/"), value, int(compute()["compute/flops"] / 1e9))
+                log.writer.add_scalar(key.replace("eval/", "eval_vs_gflops/"), value,
+                                      int(compute()["compute/flops"] / 1e9))
             print(f"eval  update {update}: " + "  ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items()), flush=True)
 
     if rank == 0:
@@ -1225,11 +813,11 @@ if __name__ == "__main__":
             for n, j in enumerate(logged):
                 s = b_samples[j]
                 prompt_tail = tokenizer.decode(s["prompt_ids"][-60:])
-                writer.add_text(f"samples/{n}", f"**prompt (tail)**\n\n```\n{prompt_tail}\n```\n\n**response**\n\n"
+                log.writer.add_text(f"samples/{n}", f"**prompt (tail)**\n\n```\n{prompt_tail}\n```\n\n**response**\n\n"
                                 f"```\n{s['text']}\n```\n\nreward {s['reward']}", global_step)
                 error = {k: s[k] for k in ("env_error", "instance_id") if k in s}  # to replay: env.step(response)
-                jsonl.write(json.dumps({"update": update, "sample": n, "prompt_tail": prompt_tail,
-                                        "response": s["text"], "reward": s["reward"], **error}) + "\n")
+                log.row({"update": update, "sample": n, "prompt_tail": prompt_tail, "response": s["text"],
+                         "reward": s["reward"], **error})
             print(f"update {update}/{args.num_updates} | env steps {global_step} | SPS {sps:.2f} | "
                   f"reward {metrics['rollout/reward_mean']:+.2f} | success {metrics['rollout/success_rate']:.2f} | "
                   f"pg {metrics['losses/pg_loss']:+.4f} v {metrics['losses/v_loss']:.3f} "
@@ -1253,8 +841,6 @@ if __name__ == "__main__":
             if rank == 0:
                 print(f"saved {path}", flush=True)
 
-    if rank == 0:
-        writer.close()
-        jsonl.close()
+    log.close()
     if distributed:
         dist.destroy_process_group()

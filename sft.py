@@ -13,8 +13,6 @@ import math
 import os
 import random
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -23,78 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import tyro
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
-
-# ---- copied block "models": identical in sft.py, ppo_generalpoints.py, ppo_virl.py, eval.py (tests/test_copies.py) ----
-CACHE_DIR = os.environ.get("SFTVSRL_CACHE", os.path.expanduser("~/.cache/sftvsrl"))
-PREPARED = {"smollm2": "smollm2-135m-instruct", "smolvlm": "smolvlm-smollm2-135m-256px-v2", "tiny-lm": "tiny-lm-v1",
-            "tiny-vl": "tiny-vl-v1", "tiny-mllama": "tiny-mllama-v1", "tiny-qwen2vl": "tiny-qwen2vl-v1",
-            "tiny-llava": "tiny-llava-v1"}  # the directories make_models.py writes under CACHE_DIR
-
-
-def prepared_path(name: str, vl_task: bool) -> str:
-    """`smollm2` | `smolvlm` | `tiny` | `tiny-mllama` | `tiny-qwen2vl` | `tiny-llava` -> the checkpoint make_models.py
-    builds once under CACHE_DIR (it runs here on first use); any other name is a local path or a hub id, unchanged."""
-    name = {"tiny": "tiny-vl" if vl_task else "tiny-lm"}.get(name, name)
-    if name not in PREPARED:
-        return name
-    path = os.path.join(CACHE_DIR, PREPARED[name])
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "make_models.py")
-        if subprocess.run([sys.executable, script, name]).returncode != 0:
-            raise ValueError(f"building {name!r} failed (see above): run `python make_models.py {name}`")
-    return path
-
-
-def load_model(name: str, vl_task: bool, dtype=torch.float32):
-    """A checkpoint (see prepared_path) -> (model, processor); the processor is a tokenizer for text models."""
-    path = prepared_path(name, vl_task)
-    is_vl_ckpt = hasattr(AutoConfig.from_pretrained(path), "vision_config")
-    if vl_task and not is_vl_ckpt:
-        raise ValueError(f"{name} is a text-only model and cannot take images; a VL task needs an "
-                         "image-text-to-text model (e.g. --model-path smolvlm or tiny)")
-    auto_model = AutoModelForImageTextToText if is_vl_ckpt else AutoModelForCausalLM
-    model = auto_model.from_pretrained(path, dtype=dtype)
-    processor = load_processor(path) if is_vl_ckpt else AutoTokenizer.from_pretrained(path)
-    tok = tokenizer_of(processor)
-    if not getattr(tok, "chat_template", None) and not getattr(processor, "chat_template", None):
-        raise ValueError("it has no chat template: prompts go through the checkpoint's own chat template (use an "
-                         "instruct/SFT checkpoint)")
-    if tok.eos_token_id is None:
-        raise ValueError("its tokenizer has no eos token")
-    if tok.pad_token_id is None:  # every mask here comes from lengths, so pad may equal eos
-        tok.pad_token = tok.eos_token
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    return model.to(dtype), processor
-
-
-def load_processor(path: str):
-    """AutoProcessor; a processor that holds a video processor (Qwen2-VL) needs torchvision, which is not installed
-    here: then the same class without it (image tasks never call it; it saves as the real class)."""
-    try:
-        return AutoProcessor.from_pretrained(path)
-    except (OSError, ImportError, AttributeError):
-        import importlib.util
-        import transformers
-        from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
-        if importlib.util.find_spec("torchvision"):
-            raise
-        cls = getattr(transformers, PROCESSOR_MAPPING_NAMES[AutoConfig.from_pretrained(path).model_type])
-        names = [a for a in cls.get_attributes() if a != "video_processor"]
-        return type(cls.__name__, (cls,), {"get_attributes": classmethod(lambda c: names)}).from_pretrained(path)
-
-
-def tokenizer_of(processor):
-    return getattr(processor, "tokenizer", processor)
-
-
-def is_vl(processor) -> bool:
-    return hasattr(processor, "image_processor")
-# ---- end copied block "models" ----
+from common import load_model, prepared_path, recover_checkpoints, tokenizer_of, truncate_metrics, weights_finite
 
 
 @dataclass
@@ -221,21 +151,11 @@ def check_args(args: Args):
              "checkpoint; resume from the run directory or a complete checkpoint")
 
 
-def check_finite(name: str, value, step: int):
+def check_loss_finite(name: str, value, step: int):
     """A non-finite loss or gradient norm stops the run before the optimizer step and before any checkpoint."""
     if not math.isfinite(float(value)):
         fail(f"non-finite {name} ({float(value)}) at step {step}; stopping without writing a checkpoint (lower --lr, "
              "check --max-grad-norm and the data)")
-
-
-def weights_finite(model) -> bool:
-    """Every weight is finite (on every rank: FSDP checks its own shards, then all ranks agree)."""
-    ok = all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in model.parameters())
-    if torch.distributed.is_initialized():
-        flag = torch.tensor(float(ok), device=next(model.parameters()).device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-        ok = bool(flag)
-    return ok
 
 
 # ---- Environments and data ----
@@ -463,20 +383,13 @@ def evaluate(model, processor, task: str, variants: list, episode_seeds: list, b
     return metrics
 
 
-def recover_checkpoints(path: str):
-    """Finish a save that was interrupted between its renames (detail #13): NAME.old without NAME is renamed back,
-    NAME.old beside a complete NAME is deleted. `path` is a run directory or a checkpoint directory in one."""
+def recover_run(path: str):
+    """Finish a save that was interrupted between its renames (detail #13) in the run of `path` (a run directory or
+    a checkpoint directory in one, possibly only NAME.old of it): common.recover_checkpoints over the run directory."""
     path = os.path.normpath(path)
     interrupted = not os.path.isdir(path) and os.path.isdir(path + ".old")  # e.g. --resume RUN/final, only final.old
-    run_dir = os.path.dirname(path) if interrupted or os.path.isfile(os.path.join(path, "trainer_state.json")) else path
-    for name in os.listdir(run_dir) if os.path.isdir(run_dir) else []:
-        old, new = os.path.join(run_dir, name), os.path.join(run_dir, name[: -len(".old")])
-        if not (name.endswith(".old") and os.path.isdir(old)):
-            continue
-        if os.path.isdir(new):  # the new copy was in place: only the deletion of the old one was missing
-            shutil.rmtree(old)
-        else:
-            os.replace(old, new)
+    recover_checkpoints(os.path.dirname(path) if interrupted or os.path.isfile(os.path.join(path, "trainer_state.json"))
+                        else path)
 
 
 def latest_checkpoint(path: str) -> str:
@@ -490,24 +403,6 @@ def latest_checkpoint(path: str) -> str:
         return max(candidates, key=lambda d: json.load(open(os.path.join(d, "trainer_state.json")))["step"])
     except (ValueError, KeyError, TypeError) as e:
         fail(f"--resume {path!r}: a trainer_state.json there is unreadable ({type(e).__name__}: {e})")
-
-
-def truncate_metrics(metrics_path: str, step: int):
-    """Resuming at `step`: drop the rows the interrupted run logged after it (and a line cut by the crash), so that
-    metrics.jsonl continues without duplicate rows (detail #13). Rewritten atomically."""
-    if not os.path.isfile(metrics_path):
-        return
-    keep = []
-    for line in open(metrics_path):
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and row.get("step", 0) <= step:
-            keep.append(line.rstrip("\n") + "\n")
-    with open(metrics_path + ".tmp", "w") as f:
-        f.writelines(keep)
-    os.replace(metrics_path + ".tmp", metrics_path)
 
 
 if __name__ == "__main__":
@@ -535,7 +430,7 @@ if __name__ == "__main__":
     # run identity (detail #13): --resume continues the run directory of its checkpoint; a new run never writes into
     # an existing directory (an explicit --run-name that exists stops, a default name gets a free suffix)
     if args.resume and rank == 0:
-        recover_checkpoints(args.resume)
+        recover_run(args.resume)
     if distributed:
         torch.distributed.barrier()
     resume_dir = latest_checkpoint(args.resume) if args.resume else None
@@ -605,7 +500,7 @@ if __name__ == "__main__":
         except FileExistsError:  # another run took the name after the check above
             fail(f"the run directory {run_dir} already exists (another run started with the same name)")
         if resume_dir:
-            truncate_metrics(os.path.join(run_dir, "metrics.jsonl"), start_step)
+            truncate_metrics(os.path.join(run_dir, "metrics.jsonl"), start_step, key="step")
         writer = SummaryWriter(run_dir)
         table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
         writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
@@ -730,8 +625,8 @@ if __name__ == "__main__":
                                     num_response_tokens, loss_sum], dtype=torch.float64)  # summed over ranks
         if distributed:
             torch.distributed.all_reduce(step_tokens)
-        check_finite("loss", step_tokens[2], step + 1)  # the same decision on every rank (detail #16)
-        check_finite("grad_norm", grad_norm, step + 1)
+        check_loss_finite("loss", step_tokens[2], step + 1)  # the same decision on every rank (detail #16)
+        check_loss_finite("grad_norm", grad_norm, step + 1)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -31,7 +31,7 @@ def blocks() -> dict:
 
 def test_every_copied_block_is_identical_in_the_files_it_names():
     found = blocks()
-    assert {"models", "ppo", "prefix-cache"} <= set(found)
+    assert {"ppo"} <= set(found)
     for block, where in found.items():
         (declared,) = {files for files, _ in where.values()}  # every copy names the same files
         assert set(where) == set(declared), f"block {block!r} should be in {declared}, found in {sorted(where)}"
@@ -85,8 +85,16 @@ def test_one_vocabulary_across_the_scripts():
         assert all(old not in args_fields(n) for n in SCRIPTS), old
 
 
+def test_what_nobody_forks_is_not_copied():
+    """Model loading, the prefix cache and a run's bookkeeping live once, in common.py: no script defines them again."""
+    shared = {n.name for n in ast.parse(source("common.py")).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    for name in SCRIPTS:
+        defined = {n.name for n in ast.parse(source(name)).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        assert not (defined & shared) - {"fail"}, f"{name} redefines {sorted((defined & shared) - {'fail'})}"
+
+
 def test_training_scripts_do_not_import_the_build_once_tools():
-    for name in (*SCRIPTS, "envs.py"):
+    for name in (*SCRIPTS, "envs.py", "common.py"):
         tree = ast.parse(source(name))
         imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}

@@ -12,6 +12,7 @@ import torch
 
 import transformers
 
+import common
 import ppo_generalpoints as ppo
 from envs import GeneralPointsEnv
 from make_models import char_tokenizer
@@ -352,10 +353,10 @@ def test_interrupted_resave_is_recovered(tiny, tmp_path, monkeypatch):
     monkeypatch.undo()
     assert sorted(os.listdir(ckpts)) == ["update_0002.old", "update_0002.tmp"]
     assert set(os.listdir(path + ".old")) == complete  # a complete copy at every moment
-    assert ppo.resolve_resume(str(tmp_path / "run")) == path  # --resume RUN renames it back
+    assert common.resolve_resume(str(tmp_path / "run")) == path  # --resume RUN renames it back
     assert json.load(open(os.path.join(path, "trainer_state.json")))["copy"] == "first"
     shutil.copytree(path, path + ".old")  # killed after both renames, before the old copy was deleted
-    assert ppo.resolve_resume(path) == path and not os.path.exists(path + ".old")
+    assert common.resolve_resume(path) == path and not os.path.exists(path + ".old")
     ppo.save_ppo_checkpoint(path, agent, processor, optimizer, {"step": 2, "copy": "third"}, {}, 0, 1, False)
     assert sorted(os.listdir(ckpts)) == ["update_0002"]  # the next save clears the stale .tmp
     assert json.load(open(os.path.join(path, "trainer_state.json")))["copy"] == "third"
@@ -375,7 +376,7 @@ def test_save_refuses_non_finite_weights(tiny, tmp_path):
 def test_run_directories_are_never_shared(tmp_path, monkeypatch):
     """Two runs with the same exp-name and seed started in the same second get two directories."""
     monkeypatch.chdir(tmp_path)
-    first, second = ppo.new_run_dir("gp-l__x__1__123"), ppo.new_run_dir("gp-l__x__1__123")
+    first, second = common.new_run_dir("gp-l__x__1__123"), common.new_run_dir("gp-l__x__1__123")
     assert (first, second) == (os.path.join("runs", "gp-l__x__1__123"), os.path.join("runs", "gp-l__x__1__123__2"))
-    assert ppo.resume_flags(["--resume", "r", "--num-updates=4", "--no-track", "--lr", "1", "--lr=2", "--top_k",
+    assert common.resume_flags(["--resume", "r", "--num-updates=4", "--no-track", "--lr", "1", "--lr=2", "--top_k",
                              "3"]) == (["resume", "num_updates", "track"], ["--lr", "--top-k"])

@@ -293,7 +293,7 @@ def test_interrupted_resave_is_recovered(tmp_path):
     make("final.tmp", 6)
     make("step_2.old", 2)  # killed after the new copy came in, before the old one was deleted
     make("step_2", 2)
-    sft.recover_checkpoints(str(tmp_path / "r" / "final"))  # --resume RUN/final finds final again
+    sft.recover_run(str(tmp_path / "r" / "final"))  # --resume RUN/final finds final again
     assert sorted(os.listdir(tmp_path / "r")) == ["final", "final.tmp", "step_2"]
     assert sft.latest_checkpoint(str(tmp_path / "r")) == str(tmp_path / "r" / "final")  # never a .tmp or .old
 
