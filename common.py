@@ -2,9 +2,12 @@
 generation, and a PPO run's bookkeeping (distributed set-up, checkpoints, resume, run directory, logs). It leaves out
 every algorithm (the scripts keep their own copies, CleanRL-style); its "detail #N" tags: docs/ppo_generalpoints.md.
 """
+import glob
 import json
 import os
 import pickle
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -163,8 +166,8 @@ class PrefixCache:
 
 # ---- a PPO run's bookkeeping: failures, checkpoints, resume, run directory, logs ----
 def fail(msg: str):
-    """Stop with one clear line and exit status 1, no traceback (detail #27)."""
-    raise SystemExit(f"error: {msg}")
+    """Stop with one clear line `<script>: error: ...` and exit status 1, no traceback (detail #27)."""
+    raise SystemExit(f"{os.path.basename(sys.argv[0])}: error: {msg}".replace("\n", " "))
 
 
 def disable_dropout(model: nn.Module):
@@ -246,14 +249,19 @@ def save_ppo_checkpoint(path: str, agent, processor, optimizer, state: dict, ran
     if world_size > 1:
         dist.barrier()
     if rank == 0:
-        old = path + ".old"
-        if os.path.exists(path):  # a re-save: the old copy moves aside until the new one is in place
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(tmp, path)  # from here on `path` is the new copy; at every moment one copy is complete
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, path)
     if world_size > 1:
         dist.barrier()
+
+
+def replace_dir(tmp: str, path: str):
+    """A complete checkpoint written into `tmp` becomes `path`. A re-save moves the old copy to `path.old` until the
+    new one is in place, so at every moment one copy is complete (recover_checkpoints finishes a killed swap)."""
+    if os.path.exists(path):
+        shutil.rmtree(path + ".old", ignore_errors=True)
+        os.replace(path, path + ".old")
+    os.replace(tmp, path)
+    shutil.rmtree(path + ".old", ignore_errors=True)
 
 
 def safe_step(env, text: str, error_reward: float):
@@ -325,6 +333,19 @@ def resolve_resume(path: str, rank: int = 0, world_size: int = 1) -> str:
         fail(f"--resume {path}: a checkpoint is resumed inside its run (RUN/checkpoints/update_XXXX); to start a new "
              "run from it, pass it as --model-path")
     return path
+
+
+def latest_checkpoint(path: str) -> str:
+    """sft.py --resume: a checkpoint dir itself, or a run dir's highest step_k/ (or final/) with trainer_state.json."""
+    children = [os.path.join(path, d) for d in os.listdir(path) if not d.endswith((".tmp", ".old"))] \
+        if os.path.isdir(path) else []
+    candidates = [d for d in [path] + children if os.path.isfile(os.path.join(d, "trainer_state.json"))]
+    if not candidates:
+        fail(f"--resume {path!r}: no checkpoint with trainer_state.json found")
+    try:
+        return max(candidates, key=lambda d: json.load(open(os.path.join(d, "trainer_state.json")))["step"])
+    except (ValueError, KeyError, TypeError) as e:
+        fail(f"--resume {path!r}: a trainer_state.json there is unreadable ({type(e).__name__}: {e})")
 
 
 def new_run_dir(base: str) -> str:
@@ -412,20 +433,21 @@ def load_resume_files(path: str, optimizer, rank: int, fsdp: bool) -> dict:
              f"{str(e)[:200]})")
 
 
-def fsdp_shard(agent, policy, world_size: int, device, mixed_precision: bool):
-    """FSDP2 (detail #25): each decoder layer, then the policy (embeddings, norm, lm_head: generate() calls
-    policy.forward), then the agent (the value head), bf16 parameters with fp32 gradient reduction if asked."""
+def fsdp_shard(modules: list, world_size: int, device, mixed_precision: bool, is_layer=None):
+    """FSDP2 (detail #25): each layer of modules[0] (is_layer; default the classes its _no_split_modules names), then
+    each of `modules` in order (PPO: the policy, whose embeddings, norm and lm_head generate() calls, then the agent
+    with the value head), bf16 parameters with fp32 gradient reduction if asked."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = dist.device_mesh.init_device_mesh(device.type, (world_size,))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
         else MixedPrecisionPolicy()
-    layer_classes = tuple(getattr(policy, "_no_split_modules", None) or [])
-    for module in policy.modules():
-        if type(module).__name__ in layer_classes:
+    layer_classes = tuple(getattr(modules[0], "_no_split_modules", None) or [])
+    for module in modules[0].modules():
+        if is_layer(module) if is_layer else type(module).__name__ in layer_classes:
             fully_shard(module, mesh=mesh, mp_policy=mp)
-    fully_shard(policy, mesh=mesh, mp_policy=mp)
-    fully_shard(agent, mesh=mesh, mp_policy=mp)
+    for module in modules:
+        fully_shard(module, mesh=mesh, mp_policy=mp)
 
 
 class RunLog:
@@ -477,3 +499,125 @@ def open_run(args, run_dir: Optional[str], resumed_update: Optional[int], rank: 
         dist.broadcast_object_list(holder, src=0)
         run_dir = holder[0]
     return run_dir, os.path.basename(run_dir), RunLog(run_dir, args, rank)
+
+
+# ---- reading checkpoints back (eval.py, the curves) ----
+def find_checkpoints(run_dir: str) -> list[dict]:
+    """Every subdirectory of run_dir (or of its subdirectories) holding a config.json, ordered by step (final last).
+    step and FLOPs are the `step` and `flops` of the checkpoint's trainer_state.json (detail #11)."""
+    if not os.path.isdir(run_dir):
+        fail(f"--run-dir {run_dir} is not a directory")
+    ckpts = []
+    candidates = [os.path.join(run_dir, d) for d in os.listdir(run_dir)]  # run/step_k/ or run/checkpoints/update_k/
+    candidates += [os.path.join(c, d) for c in candidates if os.path.isdir(c) for d in os.listdir(c)]
+    for path in candidates:
+        name = os.path.basename(path)
+        if name.endswith((".tmp", ".old")) or not os.path.isfile(os.path.join(path, "config.json")):
+            continue
+        numbers = re.findall(r"\d+", name)
+        state = {"step": int(numbers[-1]) if numbers else None}  # no trainer_state.json: the name's step, no FLOPs
+        if os.path.isfile(os.path.join(path, "trainer_state.json")):
+            with open(os.path.join(path, "trainer_state.json")) as f:
+                state |= json.load(f)
+        flops = state.get("flops")
+        if flops is not None and "global_step" in state:  # a PPO X counts 6N D_init; sft.py's starts at its init:
+            d, d_buffer, d_init = state["tokens_trained"], state["tokens_generated"], state["d_init_tokens"]
+            flops *= (6 * d + 2 * d_buffer) / max(6 * (d_init + d) + 2 * d_buffer, 1)  # both from the init (#11)
+        ckpts.append(dict(path=path, name=name, step=state["step"], flops=flops))
+    ckpts.sort(key=lambda c: (c["step"] is None, c["step"] if c["step"] is not None else 0, c["name"] == "final"))
+    if not ckpts:
+        fail(f"--run-dir {run_dir} has no checkpoint (no subdirectory with a config.json)")
+    return ckpts
+
+
+def distinct_names(paths: list[str]) -> list[str]:
+    """Column / arm names of checkpoint paths: the directory name, grown by parent directories where two different
+    paths share it (runs/sft/final, runs/ppo/final -> sft/final, ppo/final); the same path twice gets #2, #3, ..."""
+    names = [os.path.basename(os.path.normpath(p)) for p in paths]
+    keys = [p if p == "tiny" or p in PREPARED else os.path.abspath(p) for p in paths]
+    parts = [[x for x in k.split(os.sep) if x] for k in keys]
+    depth = [1] * len(paths)
+    while True:
+        clash = [i for i in range(len(paths)) if any(names[j] == names[i] and keys[j] != keys[i]
+                                                      for j in range(len(paths)))]
+        grow = [i for i in clash if depth[i] < len(parts[i])]
+        if not grow:
+            break
+        for i in grow:
+            depth[i] += 1
+            names[i] = "/".join(parts[i][-depth[i]:])
+    return [n if names[:i].count(n) == 0 else f"{n}#{names[:i].count(n) + 1}" for i, n in enumerate(names)]
+
+
+def checkpoint_exists(path: str) -> bool:  # a prepared name is built on first use (load_model), not here
+    return path == "tiny" or path in PREPARED or os.path.isfile(os.path.join(path, "config.json"))
+
+
+def checkpoint_is_vl(path: str) -> bool:
+    """Whether the checkpoint takes images; `tiny` does (it is tiny-vl for a VL task)."""
+    if path == "tiny" or path in PREPARED:
+        return path not in ("tiny-lm", "smollm2")
+    with open(os.path.join(path, "config.json")) as f:
+        return "vision_config" in json.load(f)
+
+
+def checkpoint_weights_problem(path: str) -> Optional[str]:
+    """Why a local checkpoint cannot be evaluated: no weight file, a truncated or corrupt model.safetensors, or weights
+    that are not finite (NaN or inf, e.g. saved by a diverged run); None if it is fine. The prepared names (tiny,
+    smollm2, smolvlm) are built by make_models.py and checked when loaded."""
+    if path == "tiny" or path in PREPARED:
+        return None
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        return None if any(f.endswith(".bin") for f in os.listdir(path)) else "no model weights in it (no " \
+            "*.safetensors or *.bin file)"
+    from safetensors import safe_open
+    for name in files:
+        try:
+            with safe_open(os.path.join(path, name), framework="pt") as f:
+                for key in f.keys():
+                    if not bool(torch.isfinite(f.get_tensor(key)).all()):
+                        return f"its weights are not finite (NaN or inf in {key})"
+        except Exception as e:  # noqa: BLE001  (safetensors raises its own error type)
+            return f"{name} cannot be read, truncated or corrupt ({type(e).__name__}: {str(e)[:200]})"
+    return None
+
+
+def resolve_init_checkpoint(model_path: str, task: str, init_fallback: str, init_sft_args: str,
+                            distributed: bool) -> str:
+    """ppo_virl.py --model-path auto: the SFT checkpoint of `python sft.py --task {task}` (runs/sft-{task}-default/
+    final, else the newest runs/{task}__sft__*/final); when there is none, --init-fallback decides (docs/ppo_virl.md).
+    An interrupted build (runs/sft-{task}-default without final/) is continued with `sft.py --resume`, never started
+    over in it."""
+    if model_path != "auto":
+        return model_path
+    run = os.path.join("runs", f"sft-{task}-default")
+    default = os.path.join(run, "final")
+    if not os.path.isdir(default) and os.path.isfile(os.path.join(default + ".old", "config.json")):
+        os.replace(default + ".old", default)  # sft.py was killed between the two renames of a re-save of final/
+    found = [default] if os.path.exists(os.path.join(default, "config.json")) else []
+    found += sorted((d for d in glob.glob(os.path.join("runs", f"{task}__sft__*", "final"))
+                     if os.path.exists(os.path.join(d, "config.json"))), key=os.path.getmtime, reverse=True)
+    if found:
+        return found[0]
+    sft_cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "sft.py"), "--task",
+               task, "--run-name", f"sft-{task}-default", *shlex.split(init_sft_args)]
+    hint = f"run `python sft.py --task {task} --run-name sft-{task}-default` first, or pass --model-path"
+    if init_fallback == "error" or (init_fallback == "sft" and distributed):
+        fail(f"no SFT checkpoint for {task} ({default} or runs/{task}__sft__*/final): RL starts from an SFT "
+             f"checkpoint; {hint}")
+    if init_fallback == "base":
+        base = "smollm2" if task == "virl-l" else "smolvlm"
+        print(f"WARNING: no SFT checkpoint for {task} ({hint}); starting RL from the base model {base!r}. "
+              "The paper's RL runs without SFT fail (Fig. 9): expect ~0 reward.", flush=True)
+        return base
+    if os.path.isdir(run):  # an earlier build was interrupted: continue it from its latest step_k/
+        if not [d for d in glob.glob(os.path.join(run, "step_*", "trainer_state.json")) if ".tmp" not in d]:
+            fail(f"{run} exists without final/ or any complete step_k/ (an interrupted sft.py run that saved nothing "
+                 f"to resume): delete it to build the SFT checkpoint again, or pass --model-path")
+        sft_cmd[sft_cmd.index("--run-name"): sft_cmd.index("--run-name") + 2] = ["--resume", run]
+    print(f"no SFT checkpoint for {task}: building it first with `{shlex.join(sft_cmd[1:])}` "
+          "(once; later runs reuse it)", flush=True)
+    if subprocess.run(sft_cmd).returncode != 0 or not os.path.exists(os.path.join(default, "config.json")):
+        fail(f"building the SFT checkpoint failed (see above); {hint}")
+    return default

@@ -36,10 +36,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-# ---------------------------------------------------------------------------------------------------------------
-# Official strings (prompt_lib/prompts.py, utils_rl.py), character for character: the released *-Init checkpoints
-# were trained on them. See ../shared/spec/official-prompts.md.
-# ---------------------------------------------------------------------------------------------------------------
+# ---- Official strings (prompt_lib/prompts.py, utils_rl.py), character for character: the released *-Init checkpoints
+#      were trained on them. See ../shared/spec/official-prompts.md.
 Q_GeneralPoint_EQN_L = '\n[Task Description]\nYou are an expert {target_number} points card game player. You will receive a set of 4 cards.\nNote that {face_card_msg}, and each card must be used once.\nYour goal is to output a formula that evaluates to {target_number} using numbers from the cards and operators such as \'+\', \'-\', \'*\', \'/\', \'(\', \')\', and \'=\'.\n\n[Input]\nCards: {cards}\n\n[Output]\n{{\n  "cards": [x, y, z, w], where {face_card_msg},\n  "number": [a, b, c, d], where a, b, c, and d are the numbers on the cards,\n  "formula": \'an equation that equals {target_number}\',\n}}\n\n'  # noqa: E501
 Q_GeneralPoint_EQN_VL = '\n[Task Description]\nYou are an expert {target_number} points card game player. You are observing these four cards in the image.\nNote that {face_card_msg}, and each card must be used once.\nYour goal is to output a formula that evaluates to {target_number} using numbers from the cards and operators such as \'+\', \'-\', \'*\', \'/\', \'(\', \')\', and \'=\'.\n\n[Output]\nYour response should be a valid json file in the following format:\n{{\n  "cards": [x, y, z, w], where {face_card_msg},\n  "number": [a, b, c, d], where a, b, c, and d are the numbers on the cards,\n  "formula": \'an equation that equals {target_number}\',\n}}\n\n'  # noqa: E501
 ResponseEqn = '\n{{\n  "cards": {cards},\n  "number": {numbers},\n  "formula": "{formula}",\n}}'
@@ -75,9 +73,7 @@ RE_PATTERN_DICT = {
 }
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Answer parsing: utils_general.re_match / robust_str_to_list semantics, in time linear in the answer's length
-# ---------------------------------------------------------------------------------------------------------------
+# ---- Answer parsing: utils_general.re_match / robust_str_to_list semantics, in time linear in the answer's length
 def re_match(text: str, key: str, as_text: bool = False):
     """JSON first, then the official regex; "None" (a string) when nothing matches. as_text: str() of a JSON value.
 
@@ -124,9 +120,7 @@ def parse_formula(text: str) -> str:
     return re_match(text, "formula", as_text=True).split("=")[0]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Exact arithmetic without eval() (model output is untrusted; the official code calls eval()) and without recursion
-# ---------------------------------------------------------------------------------------------------------------
+# ---- Exact arithmetic without eval() (model output is untrusted; the official code calls eval()) and without recursion
 _TOKEN_RE = re.compile(r"\d+|[+\-*/()]")
 MAX_NESTING = 200  # Python's parser limit: eval() of a formula nested deeper is a SyntaxError (docs/verifier.md)
 MAX_NUMBER_DIGITS = 4300  # Python's int-string limit: int() of a longer digit string raises (the official crash)
@@ -156,9 +150,7 @@ def evaluate(tokens: list[str], exact: bool = True):
     return _run_rpn(_to_rpn(tokens), {t: Fraction(int(t)) if exact else int(t) for t in tokens if t.isdigit()})
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Solver (general_points_oneline.py): permutations x 3 operators x 7 bracket patterns, exact fractions
-# ---------------------------------------------------------------------------------------------------------------
+# ---- Solver (general_points_oneline.py): permutations x 3 operators x 7 bracket patterns, exact fractions
 BRACKET_PATTERNS = (
     "{a}{o1}{b}{o2}{c}{o3}{d}",
     "({a}{o1}{b}){o2}{c}{o3}{d}",
@@ -227,9 +219,7 @@ def solve(values: tuple[int, ...], target: int = 24) -> tuple[str, ...]:
     return tuple(dict.fromkeys(solutions))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Verifier (utils_rl.step_rewards): check order, rewards and messages as in the official code
-# ---------------------------------------------------------------------------------------------------------------
+# ---- Verifier (utils_rl.step_rewards): check order, rewards and messages as in the official code
 def verify_gp(formula: str, card_values: list[int], solutions, target: int, recognized_cards=None,
               gt_cards=None, language_only: bool = True, exact_compare: bool = True) -> tuple[float, str]:
     """Return (reward, message). Rewards accumulate inside one call (e.g. two sequence errors give -6)."""
@@ -315,9 +305,7 @@ def outcome_of(reward: float) -> str:
     return OUTCOME_OF_REWARD.get(reward, "AGGREGATED_ERROR")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Cards: sampling, instance ids and the seen/unseen split
-# ---------------------------------------------------------------------------------------------------------------
+# ---- Cards: sampling, instance ids and the seen/unseen split
 RANK_NAMES = {1: "A", 10: "T", 11: "J", 12: "Q", 13: "K"}
 SUITS = {"mixed": "HSDC", "black": "SC", "red": "HD"}  # red[i] is the red twin of black[i]: same seed, same hand
 UNSEEN_FRACTION = 0.2  # share of ID instances held out from training (by a hash of the instance id)
@@ -342,9 +330,7 @@ def is_unseen(instance_id: str) -> bool:
     return h / 2**64 < UNSEEN_FRACTION
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Renderer: the official layout, drawn with Pillow (no card image assets)
-# ---------------------------------------------------------------------------------------------------------------
+# ---- Renderer: the official layout, drawn with Pillow (no card image assets)
 CARD_COLOURS = {"H": (200, 0, 0), "D": (200, 0, 0), "S": (0, 0, 0), "C": (0, 0, 0)}
 
 
@@ -397,9 +383,7 @@ def render_cards(ranks, suits, resolution: int = 1200, image_size: int | None = 
     return img
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The environment
-# ---------------------------------------------------------------------------------------------------------------
+# ---- The environment
 class GeneralPointsEnv:
     """GeneralPoints (gym_cards/GeneralPoint-oneline-v0): make `target_points` from 4 cards, with up to
     `verify_iter` verified attempts (sequential revision) and a forced, unchecked extra turn worth -1.
@@ -565,9 +549,7 @@ class GeneralPointsEnv:
         return [dict(m) for m in self.messages]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# V-IRL navigation (gym_virl/Navigation-v0). Official strings, character for character
-# ---------------------------------------------------------------------------------------------------------------
+# ---- V-IRL navigation (gym_virl/Navigation-v0). Official strings, character for character
 Q_VIRL_L = '\n[Task Description]\nYou are an expert in navigation. You will receive a sequence of instructions to follow. You\nare also provided with your observation and action history in text. Your goal is to first analyze the instruction and identify the next sentence to be executed. \nThen, you need to provide the action to be taken based on the current observation and instruction.\n\n[Instruction]\n{instruction}\n\n[Action space]\n{action_space}\n\n[Observations and actions sequence]\n{obs_act_seq}\n\n[Output]\n{{\n  "current observation": latest observation from the observation sequence,\n  "current instruction": analyze the full instruction and identify the sentence to be executed,\n  "action": the action to be taken chosen from the action space,\n}}\n'  # noqa: E501
 Q_VIRL_VL = '\n[Task Description]\nYou are an expert in navigation. You will receive a sequence of instructions to follow while observing your surrounding stree tviews. You\nare also provided with your observation and action history in text. Your goal is to first analyze the instruction and identify the next sentence to be executed. \nThen, you need to provide the action to be taken based on the current observation and instruction.\n\n[Instruction]\n{instruction}\n\n[Observation format]\nYou observe a 2x2 grid of streetview images with the following headings:\n[front, right\n back, left]\nYou need to identify if any of the landmarks in the instruction are visible in the street view grid.\n\n[Action space]\n{action_space}\n\n[Observations and actions sequence]\n{obs_act_seq}\n\n[Output]\n{{\n  "current observation": latest observation from the street view grid,\n  "current instruction": analyze the full instruction and identify the sentence to be executed,\n  "action": the action to be taken chosen from the action space,\n}}\n'  # noqa: E501
 ResponseVIRL = '\n{{\n  "current observation": "{current_observation}",\n  "current instruction": "{current_instruction}",\n  "action": "{action}",\n}}\n'  # noqa: E501
@@ -618,9 +600,7 @@ def virl_verify(response_text: str, gt_action: str, gt_obs: str):
     return reward, msg + ".", outcome  # utils_rl.aggregate_fn: messages joined by ", " and ended with "."
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Geodesy
-# ---------------------------------------------------------------------------------------------------------------
+# ---- Geodesy
 def virl_haversine(a, b):
     """Great-circle distance in metres between (lat, lng) points; either side may be an (n, 2) array of points."""
     a, b = np.radians(np.asarray(a, dtype=np.float64)), np.radians(np.asarray(b, dtype=np.float64))
@@ -652,9 +632,7 @@ class VirlRelocator:
         return None
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Instructions, labels and the expert rail (navigation_environment.py _parse_instruction_and_rail)
-# ---------------------------------------------------------------------------------------------------------------
+# ---- Instructions, labels and the expert rail (navigation_environment.py _parse_instruction_and_rail)
 def virl_parse_milestones(milestone_info: str) -> list[dict]:
     """utils_general.parse_navigation_string: '{ key: value ... }' blocks -> list of dicts (quotes and trailing
     commas stripped, lines without ':' skipped)."""
@@ -802,9 +780,7 @@ def virl_obs_act_seq(oracles: list[str], actions: list[str], language_only: bool
     return s
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Street views: equirectangular panorama -> 4 perspective views -> 2x2 grid
-# ---------------------------------------------------------------------------------------------------------------
+# ---- Street views: equirectangular panorama -> 4 perspective views -> 2x2 grid
 def virl_perspective_view(pano: np.ndarray, heading: float, rotation: float = 0.0, fov: float = 90.0,
                           size: int = 640, pitch: float = 0.0) -> np.ndarray:
     """Pinhole view of an equirectangular panorama (H, W, 3) uint8, looking at compass `heading`.
@@ -847,9 +823,7 @@ def virl_view_grid(pano, cur_heading: float, rotation: float = 0.0, resolution: 
     return canvas
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Loading the official files (a generated world has the same files; make_virl_world.py builds it on first use)
-# ---------------------------------------------------------------------------------------------------------------
+# ---- Loading the official files (a generated world has the same files; make_virl_world.py builds it on first use)
 _VIRL_ROUTE_KEYS = (("start_place", "relocated_geocode"), ("route_results", "geocode_list"), ("milestone_info",))
 
 
@@ -939,9 +913,7 @@ def virl_world_paths(world: str = "nyc", seed: int = 0, cache_dir=None) -> dict:
     return virl_world_files(folder)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The environment
-# ---------------------------------------------------------------------------------------------------------------
+# ---- The environment
 class NavigationEnv:
     """V-IRL navigation (gym_virl/Navigation-v0): follow a rail of turn / forward / stop points; at each point the
     model has `verify_iter` verified attempts (reset on each move); the next call at the same point gets -1 and

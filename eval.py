@@ -1,6 +1,6 @@
 """The paper's evaluation protocol (protocol.md §3, §6) on one or more checkpoints, plus the statistics it lacks.
-Leaves out training and model building (make_models.py); one batched generate() per turn reusing each episode's KV
-cache. Details, departures from the official evaluator, measured numbers: docs/eval.md (`# detail #N` = its list).
+Leaves out training, model building (make_models.py), loading (common.py) and the statistics and tables (report.py).
+Details, departures from the official evaluator, measured numbers: docs/eval.md (`# detail #N` = its list).
 
     python eval.py --model-path runs/sft_gp-l/final --task gp-l             # GP-L: 234 episodes x ID / rule-OOD
     python eval.py --model-path smollm2 --model-path runs/ppo/final --task gp-l   # two columns + paired test
@@ -11,24 +11,23 @@ cache. Details, departures from the official evaluator, measured numbers: docs/e
 
 Writes <output-dir>/{table.md, results.json, results.csv, episodes.jsonl[, curves_<task>.png]}.
 """
-import csv
 import json
 import math
 import os
 import random
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 from statistics import NormalDist
 from typing import Annotated, Callable, Literal, Optional
 
-import numpy as np
 import torch
 import tyro
 
-from common import PREPARED, PrefixCache, is_vl, load_model, tokenizer_of, weights_finite
+from common import (PrefixCache, checkpoint_exists, checkpoint_is_vl, checkpoint_weights_problem, distinct_names, fail,
+                    find_checkpoints, is_vl, load_model, new_run_dir, tokenizer_of, weights_finite)
+from report import (MEANS, Z95, curve_points, mcnemar_exact, minimum_detectable_effect, paired_bootstrap, plot_curves,
+                    read_episodes, resume_episodes, rows_of, write_jsonl, write_report)
 
 
 @dataclass
@@ -145,103 +144,7 @@ class Args:
 
 TASKS = ("gp-l", "gp-vl", "virl-l", "virl-vl")
 ALL_SETTINGS = ("id", "id-unseen", "rule-ood", "visual-ood", "recog-id", "recog-rule-ood", "recog-visual-ood")
-Z95 = NormalDist().inv_cdf(0.975)
 
-# The paper's numbers, protocol.md §8 (Init / RL / SFT after equal compute). GP = success, V-IRL = per-step accuracy
-# for rule-OOD and route success for visual-OOD.
-PAPER = {
-    ("gp-l", "rule-ood", "success"): (11.5, 15.0, 3.4),
-    ("virl-l", "rule-ood", "per-step accuracy"): (80.8, 91.8, 1.3),
-    ("gp-vl", "rule-ood", "success"): (11.2, 14.2, 5.6),
-    ("virl-vl", "rule-ood", "per-step accuracy"): (35.7, 45.0, 2.5),
-    ("gp-vl", "visual-ood", "success"): (23.6, 41.2, 13.7),
-    ("virl-vl", "visual-ood", "success"): (16.7, 77.8, 11.1),
-}
-
-
-# ---- Statistics ----
-def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for a binomial rate k/n (stays inside [0, 1], sane at k = 0 or k = n)."""
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = k / n
-    denom = 1 + z * z / n
-    center = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (0.0 if k == 0 else max(0.0, center - half), 1.0 if k == n else min(1.0, center + half))
-
-
-def mcnemar_exact(b: int, c: int) -> float:
-    """Exact two-sided McNemar test: b, c = discordant pairs; p = P(Binomial(b+c, 1/2) as extreme as min(b, c))."""
-    n = b + c
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
-
-
-def paired_bootstrap(num_a, den_a, num_b, den_b, samples: int = 10000, seed: int = 0) -> tuple[float, float, float]:
-    """Difference B - A of ratio metrics sum(num)/sum(den) over the same episodes; resamples episodes (pairs) with
-    replacement. Success: num = success, den = 1. Per-step accuracy: num = correct steps, den = steps; den = 0: not
-    measurable in that episode. num_a = den_a = None: B's own value and interval (one sample).
-    Returns (observed difference, 2.5 %, 97.5 % percentile)."""
-    if num_a is None:
-        num_a, den_a = np.zeros(len(num_b)), np.ones(len(num_b))
-    num_a, den_a, num_b, den_b = (np.asarray(x, dtype=np.float64) for x in (num_a, den_a, num_b, den_b))
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(num_a), size=(samples, len(num_a)))  # (S, n)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        diff = num_b[idx].sum(1) / den_b[idx].sum(1) - num_a[idx].sum(1) / den_a[idx].sum(1)
-    observed = num_b.sum() / den_b.sum() - num_a.sum() / den_a.sum()
-    lo, hi = np.nanpercentile(diff, [2.5, 97.5])
-    return float(observed), float(lo), float(hi)
-
-
-@lru_cache(maxsize=32)
-def _rejects(n: int, paired: bool, alpha: float) -> np.ndarray:
-    """(n+1, n+1) bool: the outcomes (x, y) where the two-sided exact test rejects at level alpha. Paired: x, y = pairs
-    solved only by A / only by B, exact McNemar (x given x + y = t is Binomial(t, 1/2)); unpaired: x, y = successes of
-    A / B out of n each, Fisher's exact test (x given x + y = t is hypergeometric). p = P(outcomes no likelier)."""
-    lf = np.cumsum(np.log(np.maximum(np.arange(2 * n + 1), 1)))  # log k!, k = 0..2n
-    out = np.zeros((n + 1, n + 1), dtype=bool)
-    for t in range(n + 1 if paired else 2 * n + 1):
-        xs = np.arange(max(0, t - n), min(t, n) + 1)
-        logp = (lf[t] - lf[xs] - lf[t - xs] - t * math.log(2)) if paired else \
-            (2 * lf[n] - lf[xs] - lf[n - xs] - lf[t - xs] - lf[n - t + xs] - lf[2 * n] + lf[t] + lf[2 * n - t])
-        p = np.exp(logp)
-        ordered = np.sort(p)
-        out[xs, t - xs] = np.cumsum(ordered)[np.searchsorted(ordered, p * (1 + 1e-7), side="right") - 1] <= alpha
-    return out
-
-
-def exact_power(n: int, p_a: float, p_b: float, paired: bool = True, alpha: float = 0.05) -> float:
-    """Power of the two-sided exact test at level alpha, every outcome enumerated (_rejects). paired: McNemar on n
-    pairs, each solved only by A with probability p_a, only by B with p_b (trinomial); unpaired: Fisher on two samples
-    of n episodes with success rates p_a and p_b (two binomials)."""
-    x, y = np.meshgrid(np.arange(n + 1), np.arange(n + 1), indexing="ij")  # (n+1, n+1)
-    lf = np.cumsum(np.log(np.maximum(np.arange(n + 1), 1)))
-    xlogp = lambda k, q: np.where(k == 0, 0.0, k * math.log(q) if q > 0 else -np.inf)  # noqa: E731  0 log 0 = 0
-    if paired:
-        rest = np.maximum(n - x - y, 0)
-        logp = lf[n] - lf[x] - lf[y] - lf[rest] + xlogp(x, p_a) + xlogp(y, p_b) + xlogp(rest, max(0.0, 1 - p_a - p_b))
-    else:
-        logp = sum(lf[n] - lf[k] - lf[n - k] + xlogp(k, q) + xlogp(n - k, 1 - q) for k, q in ((x, p_a), (y, p_b)))
-    return float(np.exp(logp)[_rejects(n, paired, alpha)].sum())
-
-
-def minimum_detectable_effect(n: int, background: float = 0.0, paired: bool = True, alpha: float = 0.05,
-                              power: float = 0.8, tol: float = 1e-4) -> Optional[float]:  # detail #18
-    """Smallest difference of success rates d = p_B - p_A that the two-sided exact test at level alpha detects with
-    the given power on n episodes (exact_power, bisection to tol). paired: `background` = the rate of pairs solved
-    only by A (discordance against the effect), only by B = background + d; unpaired: `background` = A's success rate.
-    None when no difference reaches that power."""
-    lo, hi = 0.0, 1 - (2 if paired else 1) * background
-    if hi <= 0 or exact_power(n, background, background + hi, paired, alpha) < power:
-        return None
-    while hi - lo > tol:
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if exact_power(n, background, background + mid, paired, alpha) >= power else (mid, hi)
-    return hi
 
 
 # ---- Settings matrix (protocol.md §6.3) ----
@@ -457,7 +360,6 @@ def metrics_of(setting: Setting, episodes: list[dict]) -> dict[str, tuple[int, i
     return out
 
 
-MEANS = ("reward / episode", "reward / answer", "first answer: target distance")  # measures that are not rates
 
 
 def measures_of(episodes: list[dict]) -> dict[str, tuple[list, list]]:
@@ -614,105 +516,6 @@ class ApiPolicy:
             raise
 
 
-# ---- Checkpoints of a training run (for curves) ----
-def find_checkpoints(run_dir: str) -> list[dict]:
-    """Every subdirectory of run_dir (or of its subdirectories) holding a config.json, ordered by step (final last).
-    step and FLOPs are the `step` and `flops` of the checkpoint's trainer_state.json (detail #11)."""
-    if not os.path.isdir(run_dir):
-        fail(f"--run-dir {run_dir} is not a directory")
-    ckpts = []
-    candidates = [os.path.join(run_dir, d) for d in os.listdir(run_dir)]  # run/step_k/ or run/checkpoints/update_k/
-    candidates += [os.path.join(c, d) for c in candidates if os.path.isdir(c) for d in os.listdir(c)]
-    for path in candidates:
-        name = os.path.basename(path)
-        if name.endswith((".tmp", ".old")) or not os.path.isfile(os.path.join(path, "config.json")):
-            continue
-        numbers = re.findall(r"\d+", name)
-        state = {"step": int(numbers[-1]) if numbers else None}  # no trainer_state.json: the name's step, no FLOPs
-        if os.path.isfile(os.path.join(path, "trainer_state.json")):
-            with open(os.path.join(path, "trainer_state.json")) as f:
-                state |= json.load(f)
-        flops = state.get("flops")
-        if flops is not None and "global_step" in state:  # a PPO X counts 6N D_init; sft.py's starts at its init:
-            d, d_buffer, d_init = state["tokens_trained"], state["tokens_generated"], state["d_init_tokens"]
-            flops *= (6 * d + 2 * d_buffer) / max(6 * (d_init + d) + 2 * d_buffer, 1)  # both from the init (#11)
-        ckpts.append(dict(path=path, name=name, step=state["step"], flops=flops))
-    ckpts.sort(key=lambda c: (c["step"] is None, c["step"] if c["step"] is not None else 0, c["name"] == "final"))
-    if not ckpts:
-        fail(f"--run-dir {run_dir} has no checkpoint (no subdirectory with a config.json)")
-    return ckpts
-
-
-# ---- Reporting ----
-def rows_of(results: list[dict]) -> list[dict]:
-    """Flatten {checkpoint, setting, metrics} into one row per rate with its Wilson interval."""
-    rows = []
-    for r in results:
-        for metric, (k, n) in r["metrics"].items():
-            lo, hi = wilson_interval(k, n)
-            rows.append(dict(task=r["task"], setting=r["setting"], metric=metric, checkpoint=r["label"],
-                             k=k, n=n, rate=k / n if n else float("nan"), wilson_lo=lo, wilson_hi=hi))
-    return rows
-
-
-def rate_cell(r: dict) -> str:
-    return f"{100 * r['rate']:.1f} [{100 * r['wilson_lo']:.1f}, {100 * r['wilson_hi']:.1f}] ({r['k']}/{r['n']})" \
-        if r["n"] else "n/a (0/0)"
-
-
-def markdown_table(rows: list[dict], labels: list[str], reference_column: bool) -> str:
-    """Success and the paper's metrics; the measures named "group: name" go to measures_table."""
-    keys = list(dict.fromkeys((r["task"], r["setting"], r["metric"]) for r in rows
-                              if not r["metric"].startswith("success@turn-") and ": " not in r["metric"]))
-    cell = {(r["task"], r["setting"], r["metric"], r["checkpoint"]): r for r in rows}
-    header = ["setting", "metric"] + labels + (["paper Init / RL / SFT"] if reference_column else [])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for task, setting, metric in keys:
-        cells = [rate_cell(cell[(task, setting, metric, label)]) if (task, setting, metric, label) in cell else ""
-                 for label in labels]
-        if reference_column:
-            ref = PAPER.get((task, setting, metric))
-            cells.append(" / ".join(f"{x:.1f}" for x in ref) if ref else "")
-        lines.append(f"| {task} {setting} | {metric} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def measures_table(rows: list[dict], results: list[dict], labels: list[str]) -> str:
-    """Measures that move when success does not (issue 17): the MEANS as mean [bootstrap 95 %], the probes and the
-    verifier's outcomes as rates (an outcome that no checkpoint gave is left out)."""
-    cell = {(r["task"], r["setting"], name, r["label"]): f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}]" if n else "n/a"
-            for r in results for name, (m, lo, hi, n) in r.get("means", {}).items()}
-    given = {(r["task"], r["setting"], r["metric"]) for r in rows if r["k"]}
-    cell |= {(r["task"], r["setting"], r["metric"], r["checkpoint"]): rate_cell(r) for r in rows if ": " in r["metric"]
-             and (not r["metric"].startswith("answers: ") or (r["task"], r["setting"], r["metric"]) in given)}
-    order = list(dict.fromkeys((r["task"], r["setting"]) for r in results))
-    lines = ["| setting | measure | " + " | ".join(labels) + " |", "|" + "---|" * (len(labels) + 2)]
-    for key in sorted(dict.fromkeys(k[:3] for k in cell), key=lambda k: order.index(k[:2])):
-        lines.append(f"| {key[0]} {key[1]} | {key[2]} | " + " | ".join(cell.get((*key, x), "") for x in labels) + " |")
-    return ("Measures that move when success does not: mean reward per episode and per answer [bootstrap 95 %]; "
-            "probes (envs.py) of each GP episode's first answer and of every verified V-IRL step; answers: the "
-            "verifier's outcomes, % of all answers [Wilson 95 %]:\n\n" + "\n".join(lines)) if cell else ""
-
-
-def turn_k_table(rows: list[dict]) -> str:
-    """success@turn-k: solved within the first k verified answers; @K - @1 is what the verifier's feedback rescues."""
-    turn_rows = [r for r in rows if r["metric"].startswith("success@turn-")]
-    if not turn_rows:
-        return ""
-    max_k = max(int(r["metric"].split("-")[-1]) for r in turn_rows)
-    header = ["setting", "checkpoint"] + [f"@{k}" for k in range(1, max_k + 1)] + ["rescued by feedback (@K - @1)"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for task, setting, label in dict.fromkeys((r["task"], r["setting"], r["checkpoint"]) for r in turn_rows):
-        by_k = {int(r["metric"].split("-")[-1]): r for r in turn_rows
-                if (r["task"], r["setting"], r["checkpoint"]) == (task, setting, label)}
-        cells = [f"{100 * by_k[k]['rate']:.1f}" if k in by_k else "" for k in range(1, max_k + 1)]
-        last = by_k[max(by_k)]
-        rescued = last["k"] - by_k[1]["k"]
-        cells.append(f"{100 * rescued / last['n']:+.1f} ({rescued} episodes)")
-        lines.append(f"| {task} {setting} | {label} | " + " | ".join(cells) + " |")
-    return "success@turn-k (% of episodes solved within the first k verified answers):\n\n" + "\n".join(lines)
-
-
 def paired_comparisons(results: list[dict], episodes: dict, pairs: list[tuple], args: Args) -> list[dict]:
     """Checkpoint B against checkpoint A for each (A, B) in pairs, per setting, on identical instances (same seeds),
     for every measure of measures_of: paired bootstrap interval of B - A; exact McNemar where the measure is yes/no
@@ -746,94 +549,6 @@ def paired_comparisons(results: list[dict], episodes: dict, pairs: list[tuple], 
     return out
 
 
-def paired_text(cmp: list[dict]) -> str:
-    """One table row per comparison and measure; * = the 95 % interval excludes 0."""
-    lines = ["| setting | B - A | measure | difference [paired bootstrap 95 %] | exact McNemar: only A / only B, p | "
-             "minimum detectable effect (alpha 0.05, power 0.8) |", "|---|---|---|---|---|---|"]
-    for x in cmp:
-        f = (lambda v: f"{v:+.2f}") if x["metric"] in MEANS else (lambda v: f"{100 * v:+.1f}")  # noqa: E731
-        sig = " *" if x["bootstrap_lo"] > 0 or x["bootstrap_hi"] < 0 else ""
-        mc = f"{x['a_only']} / {x['b_only']}, p = {x['mcnemar_p']:.3g}" if "mcnemar_p" in x else ""
-        pts = lambda v: "n/a" if v is None else f"{100 * v:.1f}"  # noqa: E731
-        mde = (f"exact: paired {pts(x['mde_paired'])}, unpaired {pts(x['mde_unpaired'])} points" if "mde_paired" in x
-               else f"{x['mde_normal']:.2f} (normal approx.)" if "mde_normal" in x else "")
-        lines.append(f"| {x['task']} {x['setting']} (n = {x['n']}) | {x['b']} - {x['a']} | {x['metric']}"
-                     f"{'' if x['metric'] in MEANS else ' (points)'} | {f(x['difference'])} [{f(x['bootstrap_lo'])}, "
-                     f"{f(x['bootstrap_hi'])}]{sig} | {mc} | {mde} |")
-    return "\n".join(lines)
-
-
-def plot_curves(points: list[dict], path: str, task: str):
-    """points: dict(arm, x, step, flops, task, setting, metric, rate, lo, hi). One panel per (setting, metric)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    panels = list(dict.fromkeys((p["setting"], p["metric"]) for p in points if p["task"] == task
-                                and p["metric"] in ("success", "per-step accuracy", "recognition")))
-    if not panels:
-        return
-    no_flops = list(dict.fromkeys(p["checkpoint"] for p in points if p["task"] == task and p["flops"] is None))
-    if no_flops:  # detail #11
-        print(f"{path}: x axis = training step, no FLOPs in the trainer_state.json of {', '.join(no_flops)}")
-    use_flops = not no_flops
-    ncols = min(3, len(panels))
-    nrows = math.ceil(len(panels) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.6 * nrows), squeeze=False)
-    for ax in axes.flat[len(panels):]:
-        ax.axis("off")
-    for ax, (setting, metric) in zip(axes.flat, panels):
-        for arm in dict.fromkeys(p["arm"] for p in points):
-            ps = sorted([p for p in points if p["arm"] == arm and p["task"] == task and p["setting"] == setting
-                         and p["metric"] == metric and (p["flops"] if use_flops else p["step"]) is not None],
-                        key=lambda p: p["flops"] if use_flops else p["step"])
-            if not ps:
-                continue
-            x = [p["flops"] if use_flops else p["step"] for p in ps]
-            y = np.array([100 * p["rate"] for p in ps])
-            err = np.array([[100 * (p["rate"] - p["wilson_lo"]) for p in ps],
-                            [100 * (p["wilson_hi"] - p["rate"]) for p in ps]])  # (2, points)
-            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=arm)
-        ax.set_title(f"{task} {setting}: {metric}")
-        ax.set_xlabel("training FLOPs since the init" if use_flops else "training step")
-        ax.set_ylabel("%  (Wilson 95%)")
-        ax.set_ylim(-2, 102)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def read_episodes(path: str) -> list[tuple[int, dict]]:
-    """(line number, episode) of an episodes.jsonl, checked line by line (one clear error line for a missing or
-    malformed file)."""
-    if not os.path.isfile(path):
-        fail(f"--replay {path!r}: " + ("a directory, not an episodes.jsonl" if os.path.isdir(path) else "no such file"))
-    records = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    fail(f"--replay {path}: line {n} is not JSON ({e})")
-                if not isinstance(rec, dict) or rec.get("task") not in TASKS \
-                        or not isinstance(rec.get("env_kwargs"), dict) or not isinstance(rec.get("seed"), int) \
-                        or not isinstance(rec.get("turns"), list) \
-                        or not all(isinstance(t, dict) and isinstance(t.get("response"), str)
-                                   and isinstance(t.get("reward"), (int, float)) for t in rec["turns"]):
-                    fail(f"--replay {path}: line {n} is not an eval.py episode record (task, setting, env_kwargs, "
-                         "seed, turns with response and reward)")
-                records.append((n, rec))
-    except UnicodeDecodeError as e:
-        fail(f"--replay {path}: not a UTF-8 text file ({e})")
-    if not records:
-        fail(f"--replay {path}: no episodes in the file")
-    return records
-
-
 def replay(path: str) -> int:
     """Re-score logged episodes: fresh env, same reset arguments, the logged responses; counts reward mismatches.
     A step that raises is an ENV_ERROR step with the lowest reward, as in run_episodes (detail #14)."""
@@ -862,34 +577,6 @@ def replay(path: str) -> int:
     return mismatches
 
 
-def write_jsonl(f, record: dict):
-    """One whole line per write, flushed and fsync'ed: a long run can be inspected (and replayed) while it is still
-    going, and an interrupted one loses at most the line being written (--resume drops it)."""
-    f.write(json.dumps(record) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
-
-
-def resume_episodes(path: str) -> dict:
-    """--resume: the episodes an interrupted run wrote, {(checkpoint label, task, setting, episode index): record}. A
-    last line cut short (no newline) is cut off the file; any other unreadable line stops the run."""
-    done = {}
-    if not os.path.isfile(path):
-        return done
-    with open(path, "rb") as f:
-        lines = f.read().split(b"\n")
-    if lines[-1]:
-        os.truncate(path, os.path.getsize(path) - len(lines[-1]))
-        print(f"--resume: dropped the unfinished last line of {path}")
-    for n, line in enumerate(lines[:-1], 1):
-        try:
-            rec = json.loads(line)
-            done[(rec["checkpoint"], rec["task"], rec["setting"], rec["episode"])] = rec
-        except (ValueError, KeyError, TypeError):
-            fail(f"--resume: line {n} of {path} is not an eval.py episode record; choose a new --output-dir")
-    return done
-
-
 def resumed(done: dict, label: str, setting: Setting) -> dict:
     """{episode index: record} of the episodes of this checkpoint and setting already done (--resume), checked to be
     the episodes this command would run (same seed, same env kwargs)."""
@@ -903,11 +590,6 @@ def resumed(done: dict, label: str, setting: Setting) -> dict:
                      "(episodes, seeds or env flags); give the original command, or choose a new --output-dir")
             out[i] = rec
     return out
-
-
-def fail(message: str):
-    """Stop with one clear line on stderr and exit code 1 (no traceback)."""
-    raise SystemExit(f"eval.py: error: {message}".replace("\n", " "))
 
 
 def check_args(args: Args):
@@ -938,18 +620,6 @@ def check_args(args: Args):
             if missing:
                 fail(f"{flag} {folder}: {missing[0]} does not exist (expected the official layout: route_infos.json, "
                      "gps_pano_mapping.pkl, street_views/)")
-
-
-def checkpoint_exists(path: str) -> bool:  # a prepared name is built on first use (load_model), not here
-    return path == "tiny" or path in PREPARED or os.path.isfile(os.path.join(path, "config.json"))
-
-
-def checkpoint_is_vl(path: str) -> bool:
-    """Whether the checkpoint takes images; `tiny` does (it is tiny-vl for a VL task)."""
-    if path == "tiny" or path in PREPARED:
-        return path not in ("tiny-lm", "smollm2")
-    with open(os.path.join(path, "config.json")) as f:
-        return "vision_config" in json.load(f)
 
 
 def resolve_request(args: Args) -> tuple[list, list]:
@@ -1012,47 +682,6 @@ def resolve_request(args: Args) -> tuple[list, list]:
     return tasks, checkpoints
 
 
-def distinct_names(paths: list[str]) -> list[str]:
-    """Column / arm names of checkpoint paths: the directory name, grown by parent directories where two different
-    paths share it (runs/sft/final, runs/ppo/final -> sft/final, ppo/final); the same path twice gets #2, #3, ..."""
-    names = [os.path.basename(os.path.normpath(p)) for p in paths]
-    keys = [p if p == "tiny" or p in PREPARED else os.path.abspath(p) for p in paths]
-    parts = [[x for x in k.split(os.sep) if x] for k in keys]
-    depth = [1] * len(paths)
-    while True:
-        clash = [i for i in range(len(paths)) if any(names[j] == names[i] and keys[j] != keys[i]
-                                                      for j in range(len(paths)))]
-        grow = [i for i in clash if depth[i] < len(parts[i])]
-        if not grow:
-            break
-        for i in grow:
-            depth[i] += 1
-            names[i] = "/".join(parts[i][-depth[i]:])
-    return [n if names[:i].count(n) == 0 else f"{n}#{names[:i].count(n) + 1}" for i, n in enumerate(names)]
-
-
-def checkpoint_weights_problem(path: str) -> Optional[str]:
-    """Why a local checkpoint cannot be evaluated: no weight file, a truncated or corrupt model.safetensors, or weights
-    that are not finite (NaN or inf, e.g. saved by a diverged run); None if it is fine. The prepared names (tiny,
-    smollm2, smolvlm) are built by make_models.py and checked when loaded."""
-    if path == "tiny" or path in PREPARED:
-        return None
-    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-    if not files:
-        return None if any(f.endswith(".bin") for f in os.listdir(path)) else "no model weights in it (no " \
-            "*.safetensors or *.bin file)"
-    from safetensors import safe_open
-    for name in files:
-        try:
-            with safe_open(os.path.join(path, name), framework="pt") as f:
-                for key in f.keys():
-                    if not bool(torch.isfinite(f.get_tensor(key)).all()):
-                        return f"its weights are not finite (NaN or inf in {key})"
-        except Exception as e:  # noqa: BLE001  (safetensors raises its own error type)
-            return f"{name} cannot be read, truncated or corrupt ({type(e).__name__}: {str(e)[:200]})"
-    return None
-
-
 def make_output_dir(args: Args) -> str:
     """The last check and the first write: --output-dir must be new or empty (or --overwrite); the default name gets
     a free __k suffix (created atomically, so two evaluations started in the same second never share it)."""
@@ -1064,15 +693,7 @@ def make_output_dir(args: Args) -> str:
                  "to replace them")
         os.makedirs(args.output_dir, exist_ok=True)
         return args.output_dir
-    base = f"runs/{args.exp_name}__{args.task}__{int(time.time())}"
-    for k in range(1, 10_000):
-        output_dir = base if k == 1 else f"{base}__{k}"
-        try:
-            os.makedirs(output_dir)
-            return output_dir
-        except FileExistsError:
-            continue
-    fail(f"no free output directory name {base}__k")
+    return new_run_dir(f"{args.exp_name}__{args.task}__{int(time.time())}")
 
 
 if __name__ == "__main__":
@@ -1133,9 +754,8 @@ if __name__ == "__main__":
                                         wall_time_s=time.time() - t0, num_episodes=len(eps)))
                 del policy
 
-    # TRY NOT TO MODIFY: table, statistics, files
+    # TRY NOT TO MODIFY: tables, paired tests, files, curves
     rows = rows_of(results)
-    table = markdown_table(rows, labels, args.reference_column)
     # pairs (detail #12): every --model-path against the first one; with --run-dir, each arm's last checkpoint against
     # the first label (the init) and the arms' last checkpoints against each other (e.g. SFT vs RL at the end)
     arm_last = {c["arm"]: c["label"] for c in checkpoints if c["arm"]}
@@ -1144,34 +764,12 @@ if __name__ == "__main__":
     finals = list(arm_last.values())
     pairs += [(finals[i], finals[j]) for i in range(len(finals)) for j in range(i + 1, len(finals))]
     comparisons = paired_comparisons(results, episodes, list(dict.fromkeys(pairs)), args)
-    text = table + ("\n\n" + turn_k_table(rows) if turn_k_table(rows) else "") + \
-        ("\n\n" + measures_table(rows, results, labels) if measures_table(rows, results, labels) else "") + \
-        ("\n\nPaired comparisons (same instances; * = the 95 % interval excludes 0):\n\n" + paired_text(comparisons)
-         if comparisons else "")
-    print("\n" + text + "\n")
-    with open(os.path.join(output_dir, "table.md"), "w") as f:
-        f.write(text + "\n")
-    with open(os.path.join(output_dir, "results.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(os.path.join(output_dir, "results.json"), "w") as f:
-        json.dump(dict(args=asdict(args), sampling=sampling, checkpoints=checkpoints, rows=rows,
-                       per_setting=[{k: v for k, v in r.items() if k != "metrics"} |
-                                    {"metrics": {m: list(kn) for m, kn in r["metrics"].items()}} for r in results],
-                       paired=comparisons, wall_time_s=time.time() - t_start), f, indent=1)
+    write_report(output_dir, rows, results, comparisons, labels, args.reference_column,
+                 dict(args=asdict(args), sampling=sampling, checkpoints=checkpoints, wall_time_s=time.time() - t_start))
     if args.run_dir:
-        init_rows = [r for r in rows if r["checkpoint"] == "init"]
-        points = []
-        for r in rows:
-            info = next(c for c in checkpoints if c["label"] == r["checkpoint"])
-            if info["arm"] is not None:
-                points.append(dict(r, arm=info["arm"], step=info["step"], flops=info["flops"]))
-        for arm in dict.fromkeys(c["arm"] for c in checkpoints if c["arm"]):  # the shared init starts every arm
-            points += [dict(r, arm=arm, step=0.0, flops=0.0) for r in init_rows]
         for task in tasks:
             png = os.path.join(output_dir, f"curves_{task}.png")
-            plot_curves(points, png, task)
+            plot_curves(curve_points(rows, results, checkpoints), png, task)
             print(f"wrote {png}")
     print(f"wrote {output_dir}/table.md, results.json, results.csv, episodes.jsonl "
           f"(total wall time {time.time() - t_start:.0f}s)")

@@ -1,7 +1,7 @@
 # docs and measured numbers: docs/ppo_generalpoints.md
 """Turn-level PPO (value head, GAE over turns, lambda-scaled CoT log-prob, sequential revision) on GeneralPoints.
-Leaves out model building (make_models.py), SFT (sft.py) and the paper's full evaluation matrix (eval.py): an RL
-run needs none of them to be read. Every "detail #N" tag points at the numbered list in docs/ppo_generalpoints.md.
+Leaves out model building (make_models.py), the bookkeeping nobody forks (common.py: loading, KV reuse, checkpoints,
+resume), SFT (sft.py) and the full evaluation (eval.py). "detail #N" tags: the numbered list, docs/ppo_generalpoints.md.
 
 One action = one whole response; log pi(a|s) = thought_prob_coef * log p(CoT tokens) + log p(answer tokens);
 V(s) = MLP(final hidden state of the last prompt token); GAE over environment steps (protocol.md §4).
@@ -571,7 +571,7 @@ if __name__ == "__main__":
     pad_id = tokenizer.pad_token_id
     if distributed:
         if fsdp:
-            fsdp_shard(agent, policy, world_size, device, args.mixed_precision)
+            fsdp_shard([policy, agent], world_size, device, args.mixed_precision)
             # the first forward must go through the root (agent) so that it initialises as the FSDP root
             warm = encode_prompts(processor, [make_env(args, seed=args.seed).reset()[0]], args.task)
             score(agent, [dict(warm[0], response_ids=[], cot_mask=[], answer_mask=[])], pad_id, device, 1, **lp)

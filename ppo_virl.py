@@ -1,7 +1,7 @@
 # docs and measured numbers: docs/ppo_virl.md
 """Turn-level PPO (value head, GAE over turns, lambda-scaled CoT log-prob, verification loop) on V-IRL navigation.
 A fork of ppo_generalpoints.py (the "ppo" block is identical); leaves out model building (make_models.py), the world
-generator (make_virl_world.py) and the full evaluation (eval.py). "detail #N" tags: docs/ppo_virl.md, numbered list.
+generator (make_virl_world.py), the bookkeeping (common.py), eval.py. "detail #N" tags: docs/ppo_virl.md, numbered list.
 
 One action = one whole response; log pi(a|s) = thought_prob_coef * log p(CoT tokens) + log p(action tokens);
 V(s) = MLP(final hidden state of the last prompt token); GAE over environment steps (protocol.md §2, §4).
@@ -15,12 +15,9 @@ V(s) = MLP(final hidden state of the last prompt token); GAE over environment st
     python ppo_virl.py --resume runs/<run>/checkpoints/update_0002          # continue a run
 """
 import copy
-import glob
 import math
 import os
 import random
-import shlex
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -36,8 +33,8 @@ import transformers
 import tyro
 
 from common import (PREPARED, PrefixCache, check_finite, disable_dropout, fail, fsdp_shard, is_vl, load_model,
-                    load_resume_files, open_run, read_d_init, reduce_metrics, resume_run, safe_step,
-                    save_ppo_checkpoint, setup_distributed, tokenizer_of, unwrap, weights_finite)
+                    load_resume_files, open_run, read_d_init, reduce_metrics, resolve_init_checkpoint, resume_run,
+                    safe_step, save_ppo_checkpoint, setup_distributed, tokenizer_of, unwrap, weights_finite)
 from envs import REWARD_FN_VIRL, VIRL_OUTCOMES, NavigationEnv, virl_probes, virl_world_paths
 
 
@@ -568,44 +565,6 @@ def evaluate(agent, processor, args: Args, gen_config, device, rank: int, world_
     return metrics
 
 
-def resolve_model_path(args: Args, distributed: bool) -> str:
-    """--model-path auto: the SFT checkpoint of `python sft.py --task {task}` (runs/sft-{task}-default/final, else the
-    newest runs/{task}__sft__*/final); when there is none, --init-fallback decides (docs/ppo_virl.md). An interrupted
-    build (runs/sft-{task}-default without final/) is continued with `sft.py --resume`, never started over in it."""
-    if args.model_path != "auto":
-        return args.model_path
-    run = os.path.join("runs", f"sft-{args.task}-default")
-    default = os.path.join(run, "final")
-    if not os.path.isdir(default) and os.path.isfile(os.path.join(default + ".old", "config.json")):
-        os.replace(default + ".old", default)  # sft.py was killed between the two renames of a re-save of final/
-    found = [default] if os.path.exists(os.path.join(default, "config.json")) else []
-    found += sorted((d for d in glob.glob(os.path.join("runs", f"{args.task}__sft__*", "final"))
-                     if os.path.exists(os.path.join(d, "config.json"))), key=os.path.getmtime, reverse=True)
-    if found:
-        return found[0]
-    sft_cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "sft.py"), "--task",
-               args.task, "--run-name", f"sft-{args.task}-default", *shlex.split(args.init_sft_args)]
-    hint = f"run `python sft.py --task {args.task} --run-name sft-{args.task}-default` first, or pass --model-path"
-    if args.init_fallback == "error" or (args.init_fallback == "sft" and distributed):
-        fail(f"no SFT checkpoint for {args.task} ({default} or runs/{args.task}__sft__*/final): RL starts from an SFT "
-             f"checkpoint; {hint}")
-    if args.init_fallback == "base":
-        base = "smollm2" if args.task == "virl-l" else "smolvlm"
-        print(f"WARNING: no SFT checkpoint for {args.task} ({hint}); starting RL from the base model {base!r}. "
-              "The paper's RL runs without SFT fail (Fig. 9): expect ~0 reward.", flush=True)
-        return base
-    if os.path.isdir(run):  # an earlier build was interrupted: continue it from its latest step_k/
-        if not [d for d in glob.glob(os.path.join(run, "step_*", "trainer_state.json")) if ".tmp" not in d]:
-            fail(f"{run} exists without final/ or any complete step_k/ (an interrupted sft.py run that saved nothing "
-                 f"to resume): delete it to build the SFT checkpoint again, or pass --model-path")
-        sft_cmd[sft_cmd.index("--run-name"): sft_cmd.index("--run-name") + 2] = ["--resume", run]
-    print(f"no SFT checkpoint for {args.task}: building it first with `{shlex.join(sft_cmd[1:])}` "
-          "(once; later runs reuse it)", flush=True)
-    if subprocess.run(sft_cmd).returncode != 0 or not os.path.exists(os.path.join(default, "config.json")):
-        fail(f"building the SFT checkpoint failed (see above); {hint}")
-    return default
-
-
 def check_args(args: Args):
     """Every argument check, before anything is loaded or written: one line `error: ...` (detail #27)."""
     for names, ok, rule in [
@@ -655,7 +614,8 @@ if __name__ == "__main__":
     if args.lr is None:  # the official scripts: 1e-6 for V-IRL-L, 1e-7 for V-IRL-VL
         args.lr = 1e-6 if args.task == "virl-l" else 1e-7
     check_data(args)  # bad data paths / route files stop here, before any model is loaded
-    args.model_path = resolve_model_path(args, distributed)
+    args.model_path = resolve_init_checkpoint(args.model_path, args.task, args.init_fallback, args.init_sft_args,
+                                              distributed)
     if args.model_path not in ("tiny", *PREPARED) and not os.path.exists(args.model_path):
         fail(f"initial checkpoint {args.model_path!r} not found. RL starts from an SFT checkpoint: run `python sft.py "
              f"--task {args.task} --run-name sft-{args.task}-default` first, or pass --model-path <checkpoint dir>")
@@ -693,7 +653,7 @@ if __name__ == "__main__":
     pad_id = tokenizer.pad_token_id
     if distributed:
         if fsdp:
-            fsdp_shard(agent, policy, world_size, device, args.mixed_precision)
+            fsdp_shard([policy, agent], world_size, device, args.mixed_precision)
             # the first forward must go through the root (agent) so that it initialises as the FSDP root
             warm_env = make_env(args, data_sources(args)["train"], seed=args.seed)
             warm = encode_prompts(processor, [warm_env.reset()[0]], args.task)

@@ -1,6 +1,6 @@
 """Supervised fine-tuning (the paper's SFT arm and RL's initial checkpoint): data, loss mask, training loop, quick eval.
-Leaves out model building (make_models.py, run once), the environments (envs.py) and the paper's multi-turn evaluation
-(eval.py), so that this file reads as the recipe. Each choice and its official counterpart: docs/sft.md (detail #N).
+Leaves out model building (make_models.py), loading and run bookkeeping (common.py), the environments (envs.py) and
+the multi-turn evaluation (eval.py): this file reads as the recipe. Each choice, official counterpart: docs/sft.md.
 
     python sft.py --task gp-l                                      # SmolLM2-135M-Instruct, ~6 min on 2 CPU cores
     python sft.py --task gp-vl --model-path smolvlm                # SmolLM2 text tower + random vision tower
@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 import tyro
 from PIL import Image
-from torch.utils.tensorboard import SummaryWriter
 
-from common import load_model, prepared_path, recover_checkpoints, tokenizer_of, truncate_metrics, weights_finite
+from common import (RunLog, fail, fsdp_shard, latest_checkpoint, load_model, prepared_path, recover_checkpoints,
+                    replace_dir, setup_distributed, tokenizer_of, truncate_metrics, weights_finite)
 
 
 @dataclass
@@ -120,11 +120,6 @@ class Args:
     """store optimizer.pt in each checkpoint so that --resume continues exactly (not under FSDP)"""
     log_every: int = 1
     """print a progress line every N steps"""
-
-
-def fail(msg: str):
-    """Stop with one clear message (no traceback; detail #16)."""
-    raise SystemExit(f"sft.py: error: {msg}")
 
 
 def check_args(args: Args):
@@ -392,19 +387,6 @@ def recover_run(path: str):
                         else path)
 
 
-def latest_checkpoint(path: str) -> str:
-    """A checkpoint dir itself, or a run dir's highest step_k/ (or final/) holding trainer_state.json."""
-    children = [os.path.join(path, d) for d in os.listdir(path) if not d.endswith((".tmp", ".old"))] \
-        if os.path.isdir(path) else []
-    candidates = [d for d in [path] + children if os.path.isfile(os.path.join(d, "trainer_state.json"))]
-    if not candidates:
-        fail(f"--resume {path!r}: no checkpoint with trainer_state.json found")
-    try:
-        return max(candidates, key=lambda d: json.load(open(os.path.join(d, "trainer_state.json")))["step"])
-    except (ValueError, KeyError, TypeError) as e:
-        fail(f"--resume {path!r}: a trainer_state.json there is unreadable ({type(e).__name__}: {e})")
-
-
 if __name__ == "__main__":
     args = tyro.cli(Args)
     check_args(args)
@@ -418,13 +400,7 @@ if __name__ == "__main__":
     json_examples = read_llava_json(args.data_file, vl_task, args.image_folder) if args.data == "json" else None
 
     # TRY NOT TO MODIFY: distributed set-up (nanoGPT style: the same file runs under python and torchrun; detail #15)
-    distributed = "RANK" in os.environ
-    rank, local_rank, world_size = 0, 0, 1
-    use_cuda = args.cuda and torch.cuda.is_available()
-    if distributed:
-        rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-        torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    distributed, rank, world_size, device = setup_distributed(args.cuda)
     batch_size = args.micro_batch_size * args.gradient_accumulation_steps * world_size  # examples per step
 
     # run identity (detail #13): --resume continues the run directory of its checkpoint; a new run never writes into
@@ -491,40 +467,22 @@ if __name__ == "__main__":
         fail(f"--resume {resume_dir} is at step {start_step} already: pass a larger --total-steps to continue it")
 
     if rank == 0:
-        if args.track:
-            import wandb
-            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                       config=vars(args), name=run_name, save_code=True)
         try:
             os.makedirs(run_dir, exist_ok=bool(resume_dir))
         except FileExistsError:  # another run took the name after the check above
             fail(f"the run directory {run_dir} already exists (another run started with the same name)")
         if resume_dir:
             truncate_metrics(os.path.join(run_dir, "metrics.jsonl"), start_step, key="step")
-        writer = SummaryWriter(run_dir)
-        table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
-        metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
-
-    def log(step: int, metrics: dict):
-        if rank == 0:
-            for k, v in metrics.items():
-                writer.add_scalar(k, v, step)
-            print(json.dumps({"step": step, **metrics}), file=metrics_file, flush=True)
+    log = RunLog(run_dir, args, rank)  # TensorBoard + metrics.jsonl: log(metrics, step, {"step": step})
 
     # Distributed wrapping: DDP for small models, FSDP2 fully_shard per transformer block then the root
     train_model = model  # forward/backward through the DDP wrapper; generate() on the model itself
     if distributed and args.dist == "ddp":
-        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if use_cuda else None)
+        train_model = torch.nn.parallel.DistributedDataParallel(model,
+                                                                device_ids=[device] if device.type == "cuda" else None)
     elif distributed:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mesh = init_device_mesh(device.type, (world_size,))
-        mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if args.mixed_precision else MixedPrecisionPolicy()
-        for module in model.modules():
-            if type(module).__name__.endswith(("DecoderLayer", "EncoderLayer")):
-                fully_shard(module, mesh=mesh, mp_policy=mp)
-        fully_shard(model, mesh=mesh, mp_policy=mp)
+        fsdp_shard([model], world_size, device, args.mixed_precision,
+                   is_layer=lambda m: type(m).__name__.endswith(("DecoderLayer", "EncoderLayer")))
     synced_gpus = distributed and args.dist == "fsdp"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.mixed_precision and not synced_gpus)
 
@@ -562,11 +520,7 @@ if __name__ == "__main__":
                 json.dump(trainer_state, f, indent=2)
             if args.save_optimizer and not synced_gpus:
                 torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-            if os.path.isdir(path):  # a re-save: the old copy moves aside until the new one is in place
-                shutil.rmtree(path + ".old", ignore_errors=True)
-                os.replace(path, path + ".old")
-            os.replace(tmp, path)  # from here on NAME is the new copy; at every moment one is complete
-            shutil.rmtree(path + ".old", ignore_errors=True)
+            replace_dir(tmp, path)
             print(f"saved {path}", flush=True)
         if distributed:
             torch.distributed.barrier()
@@ -578,8 +532,9 @@ if __name__ == "__main__":
         seeds = range(args.eval_seed, args.eval_seed + args.eval_episodes)
         metrics = evaluate(model, processor, args.task, ["id", "ood"], seeds, args.eval_batch_size, args.max_new_tokens,
                            rank, world_size, synced_gpus)
-        log(step, {f"eval/{k}": v for k, v in metrics.items()} | {"compute/tokens_trained": tokens_trained,
-                                                                   "compute/flops": 6 * num_params * tokens_trained})
+        log({f"eval/{k}": v for k, v in metrics.items()} | {"compute/tokens_trained": tokens_trained,
+                                                             "compute/flops": 6 * num_params * tokens_trained},
+            step, {"step": step})
         if rank == 0:
             summary = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
             print(f"eval step {step} ({time.time() - t0:.0f}s): {summary}", flush=True)
@@ -637,10 +592,10 @@ if __name__ == "__main__":
         done = step + 1 - start_step
         loss = step_tokens[2].item() / step_tokens[1].item()
         tokens_per_s, steps_per_s = step_tokens_total / train_time, done / train_time
-        log(step + 1, {"losses/loss": loss, "charts/lr": lr, "charts/grad_norm": float(grad_norm),
-                       "compute/tokens_trained": tokens_trained, "compute/flops": 6 * num_params * tokens_trained,
-                       "charts/examples": (step + 1) * batch_size, "charts/tokens_per_s": tokens_per_s,
-                       "charts/steps_per_s": steps_per_s})
+        log({"losses/loss": loss, "charts/lr": lr, "charts/grad_norm": float(grad_norm),
+             "compute/tokens_trained": tokens_trained, "compute/flops": 6 * num_params * tokens_trained,
+             "charts/examples": (step + 1) * batch_size, "charts/tokens_per_s": tokens_per_s,
+             "charts/steps_per_s": steps_per_s}, step + 1, {"step": step + 1})
         if rank == 0 and ((step + 1) % args.log_every == 0 or step + 1 == args.total_steps):
             eta = (args.total_steps - step - 1) * (time.time() - start_time) / done
             print(f"step {step + 1}/{args.total_steps} loss {loss:.4f} lr {lr:.2e} grad_norm {float(grad_norm):.2f} "
@@ -652,9 +607,7 @@ if __name__ == "__main__":
 
     run_eval(args.total_steps)
     save(args.total_steps, "final")
-    if rank == 0:
-        writer.close()
-        metrics_file.close()
+    log.close()
     if distributed:  # every rank past its last collective before the process group goes (a rank tearing down
         torch.distributed.barrier()  # gloo while the other still talked to it aborted once in CI)
         torch.distributed.destroy_process_group()

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import eval as ev
+import report
 from envs import ResponseEqn, solve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,39 +21,39 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # ---- statistics on hand-computed cases ----
 def test_wilson_interval_known_values():
-    lo, hi = ev.wilson_interval(0, 10)
+    lo, hi = report.wilson_interval(0, 10)
     assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
-    lo, hi = ev.wilson_interval(5, 10)
+    lo, hi = report.wilson_interval(5, 10)
     assert (lo, hi) == (pytest.approx(0.2366, abs=1e-4), pytest.approx(0.7634, abs=1e-4))
-    lo, hi = ev.wilson_interval(10, 10)
+    lo, hi = report.wilson_interval(10, 10)
     assert lo == pytest.approx(0.7225, abs=1e-4) and hi == 1.0
     # 3.4 % of 234 (the paper's GP-L SFT OOD number = 8/234)
-    lo, hi = ev.wilson_interval(8, 234)
+    lo, hi = report.wilson_interval(8, 234)
     assert lo == pytest.approx(0.01744, abs=1e-4) and hi == pytest.approx(0.06606, abs=1e-4)
-    assert all(math.isnan(x) for x in ev.wilson_interval(0, 0))
+    assert all(math.isnan(x) for x in report.wilson_interval(0, 0))
 
 
 def test_mcnemar_exact_hand_cases():
-    assert ev.mcnemar_exact(0, 0) == 1.0
-    assert ev.mcnemar_exact(5, 0) == pytest.approx(2 / 32)  # all 5 discordant pairs one way
-    assert ev.mcnemar_exact(0, 5) == pytest.approx(2 / 32)
-    assert ev.mcnemar_exact(10, 2) == pytest.approx(2 * (1 + 12 + 66) / 4096)
-    assert ev.mcnemar_exact(3, 3) == 1.0
-    assert ev.mcnemar_exact(1, 0) == 1.0
+    assert report.mcnemar_exact(0, 0) == 1.0
+    assert report.mcnemar_exact(5, 0) == pytest.approx(2 / 32)  # all 5 discordant pairs one way
+    assert report.mcnemar_exact(0, 5) == pytest.approx(2 / 32)
+    assert report.mcnemar_exact(10, 2) == pytest.approx(2 * (1 + 12 + 66) / 4096)
+    assert report.mcnemar_exact(3, 3) == 1.0
+    assert report.mcnemar_exact(1, 0) == 1.0
 
 
 def test_paired_bootstrap_and_mde():
     a = np.array([1, 0, 1, 0, 1, 0, 0, 0])
-    diff, lo, hi = ev.paired_bootstrap(a, np.ones(8), a, np.ones(8), samples=500)
+    diff, lo, hi = report.paired_bootstrap(a, np.ones(8), a, np.ones(8), samples=500)
     assert (diff, lo, hi) == (0.0, 0.0, 0.0)  # identical answers: no uncertainty in the paired difference
     b = np.ones(8)
-    diff, lo, hi = ev.paired_bootstrap(a, np.ones(8), b, np.ones(8), samples=2000)
+    diff, lo, hi = report.paired_bootstrap(a, np.ones(8), b, np.ones(8), samples=2000)
     assert diff == pytest.approx(5 / 8) and 0 < lo <= diff <= hi <= 1
     # ratio metric (per-step accuracy): sum(num)/sum(den), not a mean of ratios
-    diff, _, _ = ev.paired_bootstrap([1, 0], [1, 3], [2, 3], [2, 3], samples=10)
+    diff, _, _ = report.paired_bootstrap([1, 0], [1, 3], [2, 3], [2, 3], samples=10)
     assert diff == pytest.approx(5 / 5 - 1 / 4)
     # one sample (num_a = None): B's own value; den 0 = not measured in that episode
-    mean, lo, hi = ev.paired_bootstrap(None, None, [3.0, 0.0, -1.0, 2.0], [1, 0, 1, 1], samples=2000)
+    mean, lo, hi = report.paired_bootstrap(None, None, [3.0, 0.0, -1.0, 2.0], [1, 0, 1, 1], samples=2000)
     assert mean == pytest.approx(4 / 3) and -1 <= lo < mean < hi <= 3
 
 
@@ -84,21 +85,21 @@ def _power_unpaired(n, p_a, p_b, alpha=0.05):
 def test_mde_is_the_smallest_effect_with_exact_power_080(n, background, paired):
     brute = _power_paired if paired else _power_unpaired
     for d in (0.1, 0.3):
-        assert ev.exact_power(n, background, background + d, paired) == pytest.approx(brute(n, background,
+        assert report.exact_power(n, background, background + d, paired) == pytest.approx(brute(n, background,
                                                                                             background + d), abs=1e-9)
-    mde = ev.minimum_detectable_effect(n, background, paired)
+    mde = report.minimum_detectable_effect(n, background, paired)
     assert brute(n, background, background + mde) >= 0.8 > brute(n, background, background + mde - 1e-4)
 
 
 def test_mde_at_32_pairs_matches_the_exact_mcnemar_numbers():
     """n = 32, no background discordance: p < 0.05 needs >= 6 one-sided discordant pairs (6/32 = 19 points), 80 %
     power needs ~24 points (the normal approximation printed ~9 with the observed discordance)."""
-    assert ev.mcnemar_exact(6, 0) < 0.05 < ev.mcnemar_exact(5, 0)
-    assert ev.exact_power(32, 0.0, 6 / 32) == pytest.approx(1 - sum(math.comb(32, k) * (6 / 32) ** k * (26 / 32) **
+    assert report.mcnemar_exact(6, 0) < 0.05 < report.mcnemar_exact(5, 0)
+    assert report.exact_power(32, 0.0, 6 / 32) == pytest.approx(1 - sum(math.comb(32, k) * (6 / 32) ** k * (26 / 32) **
                                                                      (32 - k) for k in range(6)))
-    assert 0.23 < ev.minimum_detectable_effect(32) < 0.245
-    assert ev.minimum_detectable_effect(4) is None  # 4 pairs can never reach p < 0.05
-    assert ev.minimum_detectable_effect(234, 0.05) < ev.minimum_detectable_effect(234, 0.115, paired=False)
+    assert 0.23 < report.minimum_detectable_effect(32) < 0.245
+    assert report.minimum_detectable_effect(4) is None  # 4 pairs can never reach p < 0.05
+    assert report.minimum_detectable_effect(234, 0.05) < report.minimum_detectable_effect(234, 0.115, paired=False)
 
 
 # ---- GP episodes with a scripted policy on the real environment ----
@@ -305,16 +306,16 @@ def test_paired_comparison_and_table():
     assert x["mcnemar_p"] == pytest.approx(2 * (1 + 6) / 64)
     assert x["difference"] == pytest.approx(0.4) and x["bootstrap_lo"] < 0.4 < x["bootstrap_hi"]
     # background = min(b, c) / n = 0.1: no effect reaches 80 % power on 10 pairs; unpaired from A's 20 %
-    assert x["mde_paired"] is None and x["mde_unpaired"] == ev.minimum_detectable_effect(10, 0.2, paired=False)
+    assert x["mde_paired"] is None and x["mde_unpaired"] == report.minimum_detectable_effect(10, 0.2, paired=False)
     assert cmp["reward / episode"]["difference"] == pytest.approx(2.4) and "mcnemar_p" not in cmp["reward / episode"]
     assert cmp["reward / episode"]["mde_normal"] > 0
-    rows = ev.rows_of(results)
-    table = ev.markdown_table(rows, ["A", "B"], reference_column=True)
+    rows = report.rows_of(results)
+    table = report.markdown_table(rows, ["A", "B"], reference_column=True)
     assert "| gp-l rule-ood | success | 20.0 [5.7, 51.0] (2/10) | 60.0 [31.3, 83.2] (6/10) | 11.5 / 15.0 / 3.4 |" \
         in table
-    measures = ev.measures_table(rows, results, ["A", "B"])
+    measures = report.measures_table(rows, results, ["A", "B"])
     assert "| gp-l rule-ood | reward / episode | +0.20 [" in measures and "| +2.60 [" in measures
-    text = ev.paired_text(list(cmp.values()))
+    text = report.paired_text(list(cmp.values()))
     assert "1 / 5, p = 0.219" in text  # 14/64
     assert "| gp-l rule-ood (n = 10) | B - A | reward / episode | +2.40 [" in text
 
@@ -362,17 +363,34 @@ def test_find_checkpoints_without_trainer_state(tmp_path):
 
 def test_curves_fall_back_to_steps_without_flops(tmp_path, capsys):
     def point(arm, label, step, flops, k):
+        lo, hi = report.wilson_interval(k, 4)
         return dict(arm=arm, checkpoint=label, step=step, flops=flops, task="gp-l", setting="id", metric="success",
-                    rate=k / 4, wilson_lo=ev.wilson_interval(k, 4)[0], wilson_hi=ev.wilson_interval(k, 4)[1])
+                    value=100 * k / 4, lo=100 * lo, hi=100 * hi)
     points = [point("sft", "init", 0.0, 0.0, 1), point("sft", "sft/step_2", 2, 1e9, 2),
               point("ppo", "init", 0.0, 0.0, 1), point("ppo", "ppo/update_1", 1, None, 3)]
     png = tmp_path / "curves_gp-l.png"
-    ev.plot_curves(points, str(png), "gp-l")
+    report.plot_curves(points, str(png), "gp-l")
     out = capsys.readouterr().out.strip().splitlines()
     assert out == [f"{png}: x axis = training step, no FLOPs in the trainer_state.json of ppo/update_1"]
     assert png.stat().st_size > 1000
-    ev.plot_curves(points[:2], str(png), "gp-l")  # every point has FLOPs: nothing to say
+    report.plot_curves(points[:2], str(png), "gp-l")  # every point has FLOPs: nothing to say
     assert capsys.readouterr().out == ""
+
+
+def test_curve_points_start_every_arm_at_the_init_and_include_the_mean_reward():
+    checkpoints = [dict(label="init", arm=None, step=None, flops=None), dict(label="sft/step_2", arm="sft", step=2,
+                                                                             flops=1e9),
+                   dict(label="rl/update_1", arm="rl", step=1, flops=2e9)]
+    rows = report.rows_of([dict(label=c["label"], task="gp-l", setting="id",
+                                metrics={"success": (k, 4), "format": (4, 4)}) for c, k in zip(checkpoints, (1, 2, 3))])
+    results = [dict(label=c["label"], task="gp-l", setting="id", means={"reward / episode": (m, m - 1, m + 1, 4)})
+               for c, m in zip(checkpoints, (-2.0, -1.0, 0.5))]
+    points = report.curve_points(rows, results, checkpoints)
+    by = {(p["arm"], p["metric"], p["step"]): p for p in points}
+    assert set(by) == {(a, m, s) for a, s in (("sft", 0.0), ("sft", 2), ("rl", 0.0), ("rl", 1))
+                       for m in ("success", "reward / episode")}  # "format" is not a curve
+    assert by[("rl", "success", 1)]["value"] == 75.0 and by[("sft", "success", 0.0)]["value"] == 25.0
+    assert by[("rl", "reward / episode", 0.0)]["value"] == -2.0 and by[("rl", "reward / episode", 1)]["hi"] == 1.5
 
 
 # ---- the model-backed policy on tiny models ----

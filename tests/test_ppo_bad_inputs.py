@@ -170,7 +170,7 @@ def test_bad_input_stops_with_one_line_before_anything_is_written(script, args, 
         touched = p.touched + ([] if unchanged else ["the finished runs, after the batch"])
     lines = p.stderr.strip().splitlines()
     assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
-    assert lines and lines[-1].startswith("error: ") and message in lines[-1], p.stderr[-3000:]
+    assert lines and lines[-1].startswith(f"{script}: error: ") and message in lines[-1], p.stderr[-3000:]
     assert sum("error" in line for line in lines) == 1, p.stderr[-3000:]  # one line
     assert not (cwd / "runs").exists()  # no run directory
     assert touched == []  # the finished runs are untouched

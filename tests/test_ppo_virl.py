@@ -8,10 +8,18 @@ import sys
 
 import pytest
 
+import common
 import ppo_virl as ppo
 from make_models import char_tokenizer
 from envs import NavigationEnv
 from make_virl_world import generate_virl_world
+
+
+def resolve_init(args, distributed: bool) -> str:
+    """ppo_virl.py's --model-path resolution (common.resolve_init_checkpoint) for these Args."""
+    return common.resolve_init_checkpoint(args.model_path, args.task, args.init_fallback, args.init_sft_args,
+                                          distributed)
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--num-envs", "2", "--num-steps", "1", "--update-epochs", "1", "--micro-batch-size", "2",
@@ -166,11 +174,11 @@ def test_missing_sft_checkpoint_with_error_fallback(tmp_path):
     os.chdir(tmp_path)
     try:
         with pytest.raises(SystemExit, match="python sft.py --task virl-l"):
-            ppo.resolve_model_path(args, distributed=False)
-        assert ppo.resolve_model_path(ppo.Args(init_fallback="base"), distributed=False) == "smollm2"
+            resolve_init(args, distributed=False)
+        assert resolve_init(ppo.Args(init_fallback="base"), distributed=False) == "smollm2"
         os.makedirs("runs/virl-l__sft__1__123/final")
         open("runs/virl-l__sft__1__123/final/config.json", "w").write("{}")
-        assert ppo.resolve_model_path(args, distributed=False) == "runs/virl-l__sft__1__123/final"  # plain sft.py run
+        assert resolve_init(args, distributed=False) == "runs/virl-l__sft__1__123/final"  # plain sft.py run
     finally:
         os.chdir(cwd)
 
@@ -289,18 +297,18 @@ def test_interrupted_auto_sft_build_is_resumed(tmp_path, monkeypatch):
     run_dir = tmp_path / "runs" / "sft-virl-l-default"
     os.makedirs(run_dir)
     with pytest.raises(SystemExit, match="saved nothing to resume"):
-        ppo.resolve_model_path(ppo.Args(init_sft_args=sft_args), distributed=False)
+        resolve_init(ppo.Args(init_sft_args=sft_args), distributed=False)
     os.rmdir(run_dir)
     run([sys.executable, os.path.join(ROOT, "sft.py"), "--task", "virl-l", "--run-name", "sft-virl-l-default",
          *sft_args.split()], tmp_path)
     shutil.rmtree(run_dir / "final")  # killed before its final save: step_1/ is there
     first = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
-    assert ppo.resolve_model_path(ppo.Args(init_sft_args=sft_args), distributed=False) == \
+    assert resolve_init(ppo.Args(init_sft_args=sft_args), distributed=False) == \
         os.path.join("runs", "sft-virl-l-default", "final")
     assert json.load(open(run_dir / "final" / "trainer_state.json"))["step"] == 2
     resumed = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     assert [r["step"] for r in resumed] == [r["step"] for r in first]  # step 2 again, no duplicate row
     os.rename(run_dir / "final", run_dir / "final.old")  # killed between the renames of a re-save of final/
-    assert ppo.resolve_model_path(ppo.Args(init_fallback="error"), distributed=False) == \
+    assert resolve_init(ppo.Args(init_fallback="error"), distributed=False) == \
         os.path.join("runs", "sft-virl-l-default", "final")
     assert (run_dir / "final" / "config.json").exists() and not (run_dir / "final.old").exists()
