@@ -460,7 +460,7 @@ def test_bad_input_one_clear_message(kwargs, needle):
     with pytest.raises(SystemExit) as e:
         ev.resolve_request(ev.Args(**kwargs))
     message = str(e.value)
-    assert message.startswith("eval.py: error:") and needle in message and "\n" not in message
+    assert ": error: " in message and needle in message and "\n" not in message  # "eval.py: error:" from the CLI
 
 
 def test_bad_input_text_model_for_vl_task_from_a_saved_checkpoint(tmp_path):

@@ -39,7 +39,7 @@ FLIP = [("pg_loss1 = -mb_adv * ratio", "pg_loss1 = mb_adv * ratio"),
 
 def tiny_path() -> str:
     sys.path.insert(0, ROOT)
-    from ppo_generalpoints import prepared_path
+    from common import prepared_path
     return prepared_path("tiny", False)  # built once by make_models.py; a copied script cannot find make_models.py
 
 
