@@ -92,6 +92,57 @@ def is_vl(processor) -> bool:
 
 
 # ---- batched generation that prefills each prompt only past what it shares with a cached sequence ----
+class GrowingLayer(transformers.cache_utils.DynamicLayer):
+    """A DynamicLayer that writes each new token's keys/values into spare room of a preallocated buffer and hands out
+    views of its filled part: HF's layer torch.cat-s the whole cache at every decode step, which took 87% of a batch-32
+    SmolLM2 decode step on this CPU (docs/ppo_generalpoints.md, detail #10). Same numbers, no per-step copy."""
+    SPARE = 256  # tokens of room added when the buffer is full
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self.buffers, self.length = None, 0
+        end = self.length + key_states.shape[-2]
+        if self.buffers is None or end > self.buffers[0].shape[-2]:
+            grown = []
+            for old, new in zip(self.buffers or (None, None), (key_states, value_states)):
+                buf = new.new_empty((*new.shape[:2], end + self.SPARE, new.shape[-1]))  # (B, H, capacity, D)
+                if old is not None:
+                    buf[:, :, :self.length] = old[:, :, :self.length]
+                grown.append(buf)
+            self.buffers = grown
+        self.buffers[0][:, :, self.length:end] = key_states
+        self.buffers[1][:, :, self.length:end] = value_states
+        self.length = end
+        self.keys, self.values = self.buffers[0][:, :, :end], self.buffers[1][:, :, :end]
+        return self.keys, self.values
+
+    def crop(self, tokens_to_remove: int):
+        super().crop(tokens_to_remove)
+        self.length = self.keys.shape[-2] if self.is_initialized else 0
+
+    def batch_select_indices(self, indices):
+        if self.is_initialized:
+            self.buffers = [b[indices] for b in self.buffers]
+            self.keys, self.values = self.buffers[0][:, :, :self.length], self.buffers[1][:, :, :self.length]
+
+    def batch_repeat_interleave(self, repeats: int):
+        if self.is_initialized:
+            self.buffers = [b.repeat_interleave(repeats, dim=0) for b in self.buffers]
+            self.keys, self.values = self.buffers[0][:, :, :self.length], self.buffers[1][:, :, :self.length]
+
+
+def growing_cache(config, layers=None) -> transformers.DynamicCache:
+    """A DynamicCache of GrowingLayers (models whose layers are all full attention), filled with `layers` [(keys,
+    values) per layer] if given; a plain DynamicCache otherwise."""
+    cache = transformers.DynamicCache(config=config)
+    if all(type(layer) is transformers.cache_utils.DynamicLayer for layer in cache.layers):
+        cache.layers = [GrowingLayer() for _ in cache.layers]
+    for layer, kv in zip(cache.layers, layers or []):
+        layer.update(*kv)
+    return cache
+
+
 class PrefixCache:
     """KV-cache reuse for batched generation with a text model: keeps the keys/values of the sequences it generated
     lately and, for each new prompt, prefills only what follows the longest prefix it shares with one of them: the
@@ -124,7 +175,7 @@ class PrefixCache:
         while len(ids) > 1 and all(len(x) > L + 1 and x[L] == ids[0][L] for x in ids):
             L += 1
         if L >= 8 and any(c < L for _, c in matches):
-            cache = transformers.DynamicCache(config=self.model.config)
+            cache = growing_cache(self.model.config)
             self.model(input_ids=torch.from_numpy(ids[0][None, :L]).to(device), cache=cache, use_cache=True)
             self.entries.append((ids[0][:L], [(layer.keys[0], layer.values[0]) for layer in cache.layers]))
             matches = [self.match(x) for x in ids]
@@ -143,7 +194,7 @@ class PrefixCache:
                     if c:
                         keys[i, :, C - c:], values[i, :, C - c:] = entry[1][l][0][:, :c], entry[1][l][1][:, :c]
                 layers.append((keys.to(device), values.to(device)))
-        cache = transformers.DynamicCache(layers, config=self.model.config)
+        cache = growing_cache(self.model.config, layers)
         for i, (x, (_, c)) in enumerate(zip(ids, matches)):
             input_ids[i, C - c:C], attention_mask[i, C - c:C] = torch.from_numpy(x[:c]), 1
             input_ids[i, C + R - (len(x) - c):], attention_mask[i, C + R - (len(x) - c):] = torch.from_numpy(x[c:]), 1
