@@ -1,0 +1,68 @@
+"""One decode step of batched generation with HF's DynamicCache (torch.cat of the whole cache at every step) against
+common.GrowingLayer (new keys/values written into spare room), side by side in one run on one model: wall and CPU ms
+per step, their ratio, and the largest logit difference between the two (expected 0).
+
+    python benchmarks/bench_kv_cache.py --model-path runs/sft-gp-l-default/final --batch 32 --context 500
+    python benchmarks/bench_kv_cache.py --model-path tiny --batch 4 --context 50 --steps 4     # seconds
+"""
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import transformers
+import tyro
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import growing_cache, load_model  # noqa: E402
+
+
+@dataclass
+class BenchArgs:
+    model_path: str = "runs/sft-gp-l-default/final"
+    """checkpoint / `tiny` / `smollm2`"""
+    batch: int = 32
+    """rows decoded together (eval.py's and the rollout's default batch)"""
+    context: int = 500
+    """tokens already in the cache (a GP-L turn-2 conversation is ~300-600 SmolLM2 tokens)"""
+    steps: int = 16
+    """decode steps timed per repetition"""
+    repeats: int = 2
+    """repetitions of each cache kind, interleaved; the fastest is reported"""
+
+
+@torch.no_grad()
+def decode(model, kind: str, ids, mask, steps: int):
+    """Prefill `ids`, then `steps` greedy decode steps -> (wall s/step, CPU s/step, logits (steps, B, V))."""
+    cache = transformers.DynamicCache(config=model.config) if kind == "DynamicCache" else growing_cache(model.config)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+    x, pos, logits = out.logits[:, -1].argmax(-1, keepdim=True), pos[:, -1:], []
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        mask, pos = torch.cat([mask, torch.ones_like(mask[:, :1])], 1), pos + 1
+        out = model(input_ids=x, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+        x = out.logits[:, -1].argmax(-1, keepdim=True)
+        logits.append(out.logits[:, -1])
+    return (time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps, torch.stack(logits)
+
+
+if __name__ == "__main__":
+    args = tyro.cli(BenchArgs)
+    torch.manual_seed(0)
+    model = load_model(args.model_path, vl_task=False)[0].eval()
+    ids = torch.randint(100, min(40000, model.config.vocab_size), (args.batch, args.context))
+    mask = torch.ones_like(ids)
+    mask[: args.batch // 2, : args.context // 25] = 0  # half the rows left-padded, as in a real batch
+    best, logits = {}, {}
+    for _ in range(args.repeats):
+        for kind in ("DynamicCache", "GrowingLayer"):
+            wall, cpu, logits[kind] = decode(model, kind, ids, mask, args.steps)
+            best[kind] = min(best.get(kind, (1e9, 1e9)), (wall, cpu))
+    for kind, (wall, cpu) in best.items():
+        print(f"{kind:>12}: {1000 * wall:.0f} ms wall, {1000 * cpu:.0f} ms CPU per decode step (batch {args.batch}, "
+              f"context {args.context}, {torch.get_num_threads()} threads)")
+    print(f"DynamicCache / GrowingLayer: {best['DynamicCache'][0] / best['GrowingLayer'][0]:.2f}x wall, "
+          f"{best['DynamicCache'][1] / best['GrowingLayer'][1]:.2f}x CPU; max |logit difference| "
+          f"{(logits['DynamicCache'] - logits['GrowingLayer']).abs().max().item():.3g}")

@@ -1,0 +1,59 @@
+"""common.GrowingLayer: the KV cache that writes new tokens into spare room must give the logits of HF's
+DynamicCache exactly, across a buffer regrowth, and keep the right rows when a batch is reordered or cut."""
+import os
+import subprocess
+import sys
+
+import torch
+import transformers
+
+import common
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def greedy_logits(model, cache, ids, steps: int) -> torch.Tensor:
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # a left-padded row
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+    x, pos, logits = out.logits[:, -1].argmax(-1, keepdim=True), pos[:, -1:], [out.logits[:, -1]]
+    for _ in range(steps):
+        mask, pos = torch.cat([mask, torch.ones_like(mask[:, :1])], 1), pos + 1
+        out = model(input_ids=x, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+        x = out.logits[:, -1].argmax(-1, keepdim=True)
+        logits.append(out.logits[:, -1])
+    return torch.stack(logits)  # (steps + 1, B, V)
+
+
+@torch.no_grad()
+def test_growing_cache_gives_the_logits_of_the_dynamic_cache(monkeypatch):
+    model = common.load_model("tiny", vl_task=False)[0].eval()
+    monkeypatch.setattr(common.GrowingLayer, "SPARE", 3)  # regrow the buffer every few steps
+    ids = torch.randint(5, model.config.vocab_size, (3, 12))
+    cache = common.growing_cache(model.config)
+    assert all(isinstance(layer, common.GrowingLayer) for layer in cache.layers)
+    reference = greedy_logits(model, transformers.DynamicCache(config=model.config), ids, 10)
+    assert torch.equal(greedy_logits(model, cache, ids, 10), reference)
+    assert cache.get_seq_length() == 12 + 10 and cache.layers[0].buffers[0].shape[-2] >= 22
+    keys = cache.layers[0].keys.clone()
+    cache.batch_select_indices(torch.tensor([2, 0]))  # rows kept, in a new order
+    assert torch.equal(cache.layers[0].keys, keys[[2, 0]])
+    cache.crop(-4)
+    assert cache.get_seq_length() == 18 and torch.equal(cache.layers[0].keys, keys[[2, 0], :, :18])
+
+
+def test_prefilled_growing_cache_holds_the_given_layers():
+    model = common.load_model("tiny", vl_task=False)[0]
+    kv = [(torch.randn(2, 1, 5, 4), torch.randn(2, 1, 5, 4)) for _ in range(model.config.num_hidden_layers)]
+    cache = common.growing_cache(model.config, kv)
+    assert cache.get_seq_length() == 5 and torch.equal(cache.layers[-1].values, kv[-1][1])
+
+
+def test_kv_cache_benchmark_runs():
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_kv_cache.py"), "--model-path", "tiny",
+                          "--batch", "2", "--context", "20", "--steps", "2", "--repeats", "1"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "max |logit difference| 0" in out.stdout, out.stdout
