@@ -1,6 +1,6 @@
 """What the four scripts share and nobody forks: loading the prepared models, the prefix KV cache of batched
-generation, and a PPO run's bookkeeping (distributed set-up, checkpoints, resume, run directory, logs). It leaves out
-every algorithm (the scripts keep their own copies, CleanRL-style); its "detail #N" tags: docs/ppo_generalpoints.md.
+generation, a training run's bookkeeping (distributed set-up, checkpoints, resume, run directory, logs). It leaves
+out every algorithm (the scripts keep their own copies, CleanRL-style); its "detail #N" tags: docs/ppo_generalpoints.md.
 """
 import glob
 import json
@@ -215,7 +215,7 @@ class PrefixCache:
         return out, C + R
 
 
-# ---- a PPO run's bookkeeping: failures, checkpoints, resume, run directory, logs ----
+# ---- a training run's bookkeeping: failures, checkpoints, resume, run directory, logs ----
 def fail(msg: str):
     """Stop with one clear line `<script>: error: ...` and exit status 1, no traceback (detail #27)."""
     raise SystemExit(f"{os.path.basename(sys.argv[0])}: error: {msg}".replace("\n", " "))
@@ -634,6 +634,7 @@ def checkpoint_weights_problem(path: str) -> Optional[str]:
     return None
 
 
+# ---- the initial checkpoint of an RL run, built on first use ----
 def resolve_init_checkpoint(model_path: str, task: str, init_fallback: str, init_sft_args: str,
                             distributed: bool) -> str:
     """ppo_virl.py --model-path auto: the SFT checkpoint of `python sft.py --task {task}` (runs/sft-{task}-default/
