@@ -3,6 +3,7 @@ generation, a training run's bookkeeping (distributed set-up, checkpoints, resum
 out every algorithm (the scripts keep their own copies, CleanRL-style); its "detail #N" tags: docs/ppo_generalpoints.md.
 """
 import glob
+import copy
 import json
 import os
 import pickle
@@ -150,8 +151,8 @@ class PrefixCache:
     Masks and the cumsum position ids of generate() skip the left pads, so every token sees the same context at the
     same position as in a plain forward over the whole prompt."""
 
-    def __init__(self, model):
-        self.model, self.entries = model, []  # entries: (token ids (T,), [(keys, values) per layer, each (H, T, D)])
+    def __init__(self, model, chunk: int = 0):
+        self.model, self.chunk, self.entries = model, chunk, []  # entries: (ids (T,), [(keys, values) (H, T, D)])
 
     def match(self, ids: np.ndarray) -> tuple:
         """(entry, length) of the longest common prefix with a stored sequence, leaving >= 1 token to feed."""
@@ -168,7 +169,48 @@ class PrefixCache:
     def generate(self, prompts: list, pad_id: int, eos_id: int, device, **generate_kwargs):
         """prompts: token-id lists -> (model.generate's output (generate_kwargs must ask for return_dict_in_generate),
         W): sequences (B, W + new tokens), the first W columns the left-padded prompts. Stores the KV of every prompt +
-        response (but its last token) for the next call."""
+        response (but its last token) for the next call. self.chunk > 0: at most `chunk` new tokens per generate
+        call; the rows still unfinished after a call go on in a smaller batch (their text so far hits this cache: one
+        token to prefill), so that finished rows stop costing decode steps. The output then has W = 0, `scores` (the
+        sampler's logits) aligned with each row's own tokens and the first call's `hidden_states` (the prompts)."""
+        config = generate_kwargs.get("generation_config")
+        total = config.max_new_tokens if config is not None else generate_kwargs["max_new_tokens"]
+        chunk = self.chunk
+        if chunk <= 0 or chunk >= total:
+            return self.generate_once(prompts, pad_id, eos_id, device, **generate_kwargs)
+        new, scores, pending, first = [[] for _ in prompts], [[] for _ in prompts], list(range(len(prompts))), None
+        while pending and total > 0:
+            n = min(total, chunk)
+            if config is not None:
+                generate_kwargs["generation_config"] = copy.deepcopy(config)
+                generate_kwargs["generation_config"].max_new_tokens = n
+            else:
+                generate_kwargs["max_new_tokens"] = n
+            out, width = self.generate_once([list(prompts[i]) + new[i] for i in pending], pad_id, eos_id, device,
+                                            **generate_kwargs)
+            first = first or out
+            still = []
+            for row, i in enumerate(pending):
+                ids = out.sequences[row, width:].tolist()
+                k = ids.index(eos_id) + 1 if eos_id in ids else len(ids)
+                new[i] += ids[:k]
+                scores[i] += [s[row] for s in (out.scores or ())[:k]]
+                if k == n and ids[-1] != eos_id:
+                    still.append(i)
+            pending, total = still, total - n
+        T = max(len(x) for x in new)
+        sequences = torch.full((len(new), T), pad_id, dtype=torch.long)
+        for i, x in enumerate(new):
+            sequences[i, :len(x)] = torch.tensor(x, dtype=torch.long)
+        if first.scores:  # (B, V) per step; a finished row's later steps are zeros (never read: they follow its eos)
+            filler = torch.zeros_like(first.scores[0][0])
+            first.scores = tuple(torch.stack([s[t] if t < len(s) else filler for s in scores]) for t in range(T))
+        first.sequences = sequences.to(device)
+        return first, 0
+
+    @torch.no_grad()
+    def generate_once(self, prompts: list, pad_id: int, eos_id: int, device, **generate_kwargs):
+        """One model.generate call for all prompts through the cache (generate() with chunk 0)."""
         ids = [np.asarray(p) for p in prompts]
         matches = [self.match(x) for x in ids]
         L = 0  # the prefix common to all prompts of this call (system prompt, task template): prefilled once

@@ -423,7 +423,7 @@ class ModelPolicy:
             self.gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
         else:  # explicit, so the checkpoint's generation_config cannot switch sampling on (detail #10)
             self.gen_kwargs.update(temperature=None, top_p=None, top_k=None)
-        self.prefix_cache = PrefixCache(model) if kv_reuse and not is_vl(processor) else None
+        self.prefix_cache = PrefixCache(model, chunk) if kv_reuse and not is_vl(processor) else None
 
     @torch.no_grad()
     def __call__(self, batch: list) -> list:
@@ -433,20 +433,11 @@ class ModelPolicy:
             texts = [self.processor.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
                      for m, _ in batch]
             prompts = tok(texts, add_special_tokens=False)["input_ids"]
-            answers, pending, left = [[] for _ in prompts], list(range(len(prompts))), self.gen_kwargs["max_new_tokens"]
-            while pending and left > 0:  # answers still unfinished after a chunk go on in a smaller batch (detail #13)
-                n = min(left, self.chunk) if self.chunk > 0 else left
-                out, width = self.prefix_cache.generate([prompts[i] + answers[i] for i in pending], tok.pad_token_id,
-                                                        tok.eos_token_id, self.device, **dict(self.gen_kwargs,
-                                                                                            max_new_tokens=n))
-                still = []
-                for row, i in enumerate(pending):
-                    new = out.sequences[row, width:].tolist()
-                    k = new.index(tok.eos_token_id) + 1 if tok.eos_token_id in new else len(new)
-                    answers[i] += new[:k]
-                    if k == n and new[k - 1] != tok.eos_token_id:
-                        still.append(i)
-                pending, left = still, left - n
+            out, width = self.prefix_cache.generate(prompts, tok.pad_token_id, tok.eos_token_id, self.device,
+                                                    **self.gen_kwargs)  # in chunks (detail #13)
+            answers = []
+            for ids in out.sequences[:, width:].tolist():
+                answers.append(ids[:ids.index(tok.eos_token_id) + 1] if tok.eos_token_id in ids else ids)
             return tok.batch_decode(answers, skip_special_tokens=True)
         inputs = chat_inputs(self.processor, [messages for messages, _ in batch],
                              images if images[0] is not None else None).to(self.device)

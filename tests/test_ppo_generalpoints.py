@@ -279,6 +279,34 @@ def test_kv_reuse_across_turns_samples_the_same_tokens_and_logprobs_from_samplin
     assert reused > 3 * 2 * 500  # turns 2 and 3 reuse most of each ~600-character conversation
 
 
+def test_chunked_generation_keeps_greedy_answers_and_aligns_sampling_logprobs(tiny):
+    """--gen-chunk: rows still unfinished after a chunk go on alone. Greedy answers equal one generate call; sampled
+    answers get log-probs (from the sampler's logits, chunk by chunk) equal to a fresh forward over the stored ids."""
+    agent, processor = tiny
+    tok = ppo.tokenizer_of(processor)
+    prompts = ppo.encode_prompts(processor, [GeneralPointsEnv(seed=s).reset()[0] for s in (3, 4, 5, 6)], "gp-l")
+    greedy = transformers.GenerationConfig(do_sample=False, max_new_tokens=12, eos_token_id=tok.eos_token_id,
+                                           pad_token_id=tok.pad_token_id)
+    whole, chunked = (ppo.generate(agent, processor, prompts, greedy, ppo.PrefixCache(agent.policy, c), "cpu", False)
+                      for c in (0, 5))
+    assert [r["response_ids"] for r in whole] == [r["response_ids"] for r in chunked]
+    assert [r["truncated"] for r in whole] == [r["truncated"] for r in chunked]
+    sampling = transformers.GenerationConfig(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=12,
+                                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    responses = ppo.generate(agent, processor, prompts, sampling, ppo.PrefixCache(agent.policy, 5), "cpu", False,
+                             with_logprobs=True)
+    samples = [dict(p, response_ids=r["response_ids"], cot_mask=[1.0] * len(r["response_ids"]),
+                    answer_mask=[0.0] * len(r["response_ids"])) for p, r in zip(prompts, responses)]
+    _, value, token_logprobs, _ = ppo.get_logprob_and_value(agent, ppo.collate(samples, tok.pad_token_id, "cpu"),
+                                                            1.0, 1.0)
+    assert any(len(r["response_ids"]) > 5 for r in responses)  # some rows did go on past the first chunk
+    for i, r in enumerate(responses):
+        assert len(r["response_ids"]) <= 12 and len(r["token_logprobs"]) == len(r["response_ids"])
+        assert torch.allclose(r["token_logprobs"], token_logprobs[i, :len(r["response_ids"])], atol=1e-4)
+        assert torch.allclose(r["value"], value[i], atol=1e-4)
+
+
 # ---- issue 15: nothing a model writes or a user types ends a run, corrupts a result or mixes two runs ----
 RAISE_ONCE = """import runpy, sys, envs
 real, calls = envs.{cls}.step, []
