@@ -6,7 +6,8 @@ Rollout schemes on the same multi-turn GP-L episodes (same sampling settings and
             common to the turn's episodes prefilled once, then a batched log-prob/value forward;
   kv        the default now: PrefixCache keeps each episode's KV cache between turns (only the feedback and the
             next prompt are prefilled), then the batched log-prob/value forward;
-  kv+lp     kv with --logprobs-from-sampling: log-probs and values from the sampling pass, no second forward.
+  kv+lp     kv with --logprobs-from-sampling: log-probs and values from the sampling pass, no second forward;
+  .../cN    with --gen-chunk N: rows still unfinished after N new tokens go on alone (e.g. kv+lp/c32).
 Then the PPO update tokens/s next to a bare forward + backward + Adam loop on the same micro-batches.
 
     python benchmarks/bench_rollout.py --model-path runs/sft-gp-l-default/final --num-envs 8 --turns 2
@@ -86,7 +87,8 @@ def rollout(agent, processor, args, envs, scheme: str, turns: int) -> tuple:
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     lp = dict(temperature=args.temperature, thought_prob_coef=args.thought_prob_coef)
     obs = [env.reset(seed=i)[0] for i, env in enumerate(envs)]
-    prefix_cache = ppo.PrefixCache(agent.policy) if scheme.startswith("kv") else None
+    scheme, _, chunk = scheme.partition("/c")  # kv+lp/c32: --gen-chunk 32
+    prefix_cache = ppo.PrefixCache(agent.policy, int(chunk or 0)) if scheme.startswith("kv") else None
     samples, start, cpu_start = [], time.time(), time.process_time()
     groups = [[i] for i in range(len(envs))] if scheme == "batch-1" else [list(range(len(envs)))]
     for _ in range(turns):
