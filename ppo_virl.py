@@ -174,8 +174,6 @@ class Args:
     kv_reuse: bool = True
     """text models: within a rollout, prefill only the new tokens of each prompt, reusing the KV cache of the slot's
     conversation so far and of the prompt prefix shared by all episodes (detail #10)"""
-    gen_chunk: int = 0
-    """with kv_reuse: at most N new tokens per generate call; unfinished rows go on alone (0: one call, detail #10)"""
     logprobs_from_sampling: bool = False
     """take the old log pi(a|s) and V(s) from the sampling pass instead of a second scoring forward (detail #26;
     needs top_p 1 and top_k 0, so that the sampler is exactly pi; not under FSDP)"""
@@ -531,7 +529,7 @@ def evaluate(agent, processor, args: Args, gen_config, device, rank: int, world_
     for name, (source, overrides) in eval_splits(args).items():
         episodes = list(range(args.eval_episodes))[rank::world_size]
         envs = [make_env(args, source, None, **overrides) for _ in episodes]
-        prefix_cache = PrefixCache(unwrap(agent).policy, args.gen_chunk) if args.kv_reuse and not synced_gpus else None
+        prefix_cache = PrefixCache(unwrap(agent).policy) if args.kv_reuse and not synced_gpus else None
         obs = [env.reset(seed=args.eval_seed + i, options={"route_idx": i % len(env.route_list)})[0]
                for env, i in zip(envs, episodes)]
         active, steps, correct, success, turn = [True] * len(envs), 0.0, 0.0, 0.0, 0
@@ -744,7 +742,7 @@ if __name__ == "__main__":
         probes = []  # per verified answer: envs.virl_probes (detail #30)
         agent.eval()
         # KV reuse within this rollout only: the weights change with every update (detail #10)
-        prefix_cache = PrefixCache(unwrap(agent).policy, args.gen_chunk) if args.kv_reuse and not fsdp else None
+        prefix_cache = PrefixCache(unwrap(agent).policy) if args.kv_reuse and not fsdp else None
         for step in range(args.num_steps):
             global_step += args.num_envs * world_size
             dones[step] = next_done
