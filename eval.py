@@ -579,7 +579,11 @@ def resumed(done: dict, label: str, setting: Setting) -> dict:
                                                                                         sort_keys=True)):
                 fail(f"--resume: episode {i} of {label} {task} {name} in episodes.jsonl was run with other settings "
                      "(episodes, seeds or env flags); give the original command, or choose a new --output-dir")
-            out[i] = rec
+            try:  # the per-episode numbers are derived again from the logged turns (older files lack some)
+                out[i] = finish_episode(setting, rec)
+            except (KeyError, TypeError, IndexError, AttributeError) as e:
+                fail(f"--resume: episode {i} of {label} {task} {name} in episodes.jsonl lacks a logged field "
+                     f"({type(e).__name__}: {e}); choose a new --output-dir")
     return out
 
 

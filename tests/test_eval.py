@@ -144,6 +144,12 @@ def test_gp_metrics_scripted_policy():
     assert episodes[1]["turns"][1]["messages"][-1]["content"].startswith("You failed this trial because")
     m = ev.metrics_of(setting, episodes)
     assert m["success"] == (4, 6)
+    old = [{k: v for k, v in json.loads(json.dumps(e)).items() if k not in ("reward", "probes", "success")}
+           for e in episodes]  # --resume of a file written before these fields existed: derived again
+    again = ev.resumed({("a", "gp-l", "id", i): e for i, e in enumerate(old)}, "a", setting)
+    assert [again[i] for i in range(6)] == json.loads(json.dumps(episodes))
+    with pytest.raises(SystemExit, match="lacks a logged field"):
+        ev.resumed({("a", "gp-l", "id", 0): dict(old[0], turns=[])}, "a", setting)
     assert (m["success@turn-1"], m["success@turn-2"], m["success@turn-3"]) == ((2, 6), (3, 6), (4, 6))
     assert "recognition" not in m  # GP-L: the cards are in the prompt's text
     m_vl = ev.metrics_of(dataclasses.replace(setting, task="gp-vl"), episodes)  # same arithmetic, VL label
