@@ -91,8 +91,9 @@ def test_resume_reader_drops_a_cut_line_and_refuses_other_settings(tmp_path):
     setting = ev.Setting("gp-l", "id", dict(verify_iter=1, language_only=True), num_episodes=3, seed=0)
     seeds = setting.episode_seeds()
     path = tmp_path / "episodes.jsonl"
-    lines = [json.dumps(dict(checkpoint="m", task="gp-l", setting="id", episode=i, seed=seeds[i],
-                             env_kwargs=setting.env_kwargs)) for i in range(2)]
+    turn = dict(response="no answer", reward=-1, is_success=False, cards_correct=False, outcome="NO_SOLUTION")
+    lines = [json.dumps(dict(checkpoint="m", task="gp-l", setting="id", episode=i, seed=seeds[i], cards=["A", "2"],
+                             env_kwargs=setting.env_kwargs, turns=[turn])) for i in range(2)]
     path.write_text("\n".join(lines) + "\n" + lines[0][:20])  # killed while writing the third line
     done = ev.resume_episodes(str(path))
     assert path.read_text() == "\n".join(lines) + "\n" and len(done) == 2
