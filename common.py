@@ -188,7 +188,7 @@ class PrefixCache:
                 generate_kwargs["max_new_tokens"] = n
             out, width = self.generate_once([list(prompts[i]) + new[i] for i in pending], pad_id, eos_id, device,
                                             **generate_kwargs)
-            first = first or out
+            first = out if first is None else first  # its hidden_states: the prompts' last token
             still = []
             for row, i in enumerate(pending):
                 ids = out.sequences[row, width:].tolist()

@@ -146,7 +146,6 @@ TASKS = ("gp-l", "gp-vl", "virl-l", "virl-vl")
 ALL_SETTINGS = ("id", "id-unseen", "rule-ood", "visual-ood", "recog-id", "recog-rule-ood", "recog-visual-ood")
 
 
-
 # ---- Settings matrix (protocol.md §6.3) ----
 @dataclass
 class Setting:
@@ -360,8 +359,6 @@ def metrics_of(setting: Setting, episodes: list[dict]) -> dict[str, tuple[int, i
     return out
 
 
-
-
 def measures_of(episodes: list[dict]) -> dict[str, tuple[list, list]]:
     """Per-episode (numerators, denominators) of every measure the paired comparisons test; a measure's value is
     sum(num) / sum(den) (den 0: not measurable in that episode). Rates, and the MEANS."""
@@ -417,7 +414,7 @@ class ModelPolicy:
 
     def __init__(self, model, processor, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
                  device: str, kv_reuse: bool = True, chunk: int = 64):
-        self.model, self.processor, self.device, self.chunk = model.eval(), processor, device, chunk
+        self.model, self.processor, self.device = model.eval(), processor, device
         self.gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, return_dict_in_generate=True)
         if temperature > 0:
             self.gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
@@ -544,7 +541,7 @@ def replay(path: str) -> int:
     """Re-score logged episodes: fresh env, same reset arguments, the logged responses; counts reward mismatches.
     A step that raises is an ENV_ERROR step with the lowest reward, as in run_episodes (detail #14)."""
     mismatches = total = 0
-    for n, rec in read_episodes(path):
+    for n, rec in read_episodes(path, TASKS):
         setting = Setting(rec["task"], rec.get("setting", ""), rec["env_kwargs"], 1, 0)
         try:
             env = make_env(setting)

@@ -288,9 +288,9 @@ def write_report(output_dir: str, rows: list[dict], results: list[dict], compari
 
 
 # ---- episodes.jsonl: written line by line, read back by --replay and --resume ----
-def read_episodes(path: str) -> list[tuple[int, dict]]:
+def read_episodes(path: str, tasks: tuple) -> list[tuple[int, dict]]:
     """(line number, episode) of an episodes.jsonl, checked line by line (one clear error line for a missing or
-    malformed file)."""
+    malformed file; `tasks`: the task names a record may carry)."""
     if not os.path.isfile(path):
         fail(f"--replay {path!r}: " + ("a directory, not an episodes.jsonl" if os.path.isdir(path) else "no such file"))
     records = []
@@ -303,7 +303,7 @@ def read_episodes(path: str) -> list[tuple[int, dict]]:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
                     fail(f"--replay {path}: line {n} is not JSON ({e})")
-                if not isinstance(rec, dict) or rec.get("task") not in ("gp-l", "gp-vl", "virl-l", "virl-vl") \
+                if not isinstance(rec, dict) or rec.get("task") not in tasks \
                         or not isinstance(rec.get("env_kwargs"), dict) or not isinstance(rec.get("seed"), int) \
                         or not isinstance(rec.get("turns"), list) \
                         or not all(isinstance(t, dict) and isinstance(t.get("response"), str)

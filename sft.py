@@ -23,8 +23,8 @@ import torch.nn.functional as F
 import tyro
 from PIL import Image
 
-from common import (RunLog, fail, fsdp_shard, latest_checkpoint, load_model, prepared_path, recover_checkpoints,
-                    replace_dir, setup_distributed, tokenizer_of, truncate_metrics, weights_finite)
+from common import (RunLog, check_finite, fail, fsdp_shard, latest_checkpoint, load_model, prepared_path,
+                    recover_checkpoints, replace_dir, setup_distributed, tokenizer_of, truncate_metrics, weights_finite)
 
 
 @dataclass
@@ -144,13 +144,6 @@ def check_args(args: Args):
     if args.resume and os.path.basename(os.path.normpath(args.resume)).endswith((".tmp", ".old")):
         fail(f"--resume {args.resume}: a *.tmp or *.old directory belongs to an interrupted save, never a complete "
              "checkpoint; resume from the run directory or a complete checkpoint")
-
-
-def check_loss_finite(name: str, value, step: int):
-    """A non-finite loss or gradient norm stops the run before the optimizer step and before any checkpoint."""
-    if not math.isfinite(float(value)):
-        fail(f"non-finite {name} ({float(value)}) at step {step}; stopping without writing a checkpoint (lower --lr, "
-             "check --max-grad-norm and the data)")
 
 
 # ---- Environments and data ----
@@ -580,8 +573,8 @@ if __name__ == "__main__":
                                     num_response_tokens, loss_sum], dtype=torch.float64)  # summed over ranks
         if distributed:
             torch.distributed.all_reduce(step_tokens)
-        check_loss_finite("loss", step_tokens[2], step + 1)  # the same decision on every rank (detail #16)
-        check_loss_finite("grad_norm", grad_norm, step + 1)
+        check_finite("loss", step_tokens[2], f"step {step + 1}")  # the same decision on every rank (detail #16)
+        check_finite("grad_norm", grad_norm, f"step {step + 1}")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
