@@ -26,9 +26,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageText
 
 # ---- models: a prepared name or a path -> (model, processor) ----
 CACHE_DIR = os.environ.get("SFTVSRL_CACHE", os.path.expanduser("~/.cache/sftvsrl"))
-PREPARED = {"smollm2": "smollm2-135m-instruct", "smolvlm": "smolvlm-smollm2-135m-256px-v2", "tiny-lm": "tiny-lm-v1",
-            "tiny-vl": "tiny-vl-v1", "tiny-mllama": "tiny-mllama-v1", "tiny-qwen2vl": "tiny-qwen2vl-v1",
-            "tiny-llava": "tiny-llava-v1"}  # the directories make_models.py writes under CACHE_DIR
+PREPARED = {"smollm2": "smollm2-135m-instruct", "smolvlm-blind": "smolvlm-smollm2-135m-256px-v2",
+            "smolvlm": "smolvlm-smollm2-135m-256px-v3-seeing", "smolvlm-id": "smolvlm-smollm2-135m-256px-v3-seeing-id",
+            "tiny-lm": "tiny-lm-v1", "tiny-vl": "tiny-vl-v1", "tiny-vl-seeing": "tiny-vl-seeing-v1",
+            "tiny-mllama": "tiny-mllama-v1", "tiny-qwen2vl": "tiny-qwen2vl-v1", "tiny-llava": "tiny-llava-v1"}  # the directories make_models.py writes under CACHE_DIR
 
 
 def prepared_path(name: str, vl_task: bool) -> str:
@@ -53,8 +54,15 @@ def load_model(name: str, vl_task: bool, dtype=torch.float32):
         raise ValueError(f"{name} is a text-only model and cannot take images; a VL task needs an "
                          "image-text-to-text model (e.g. --model-path smolvlm or tiny)")
     auto_model = AutoModelForImageTextToText if is_vl_ckpt else AutoModelForCausalLM
-    model = auto_model.from_pretrained(path, dtype=dtype)
-    processor = load_processor(path) if is_vl_ckpt else AutoTokenizer.from_pretrained(path)
+    try:
+        model = auto_model.from_pretrained(path, dtype=dtype)
+        processor = load_processor(path) if is_vl_ckpt else AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001  a damaged cache of a prepared name: say how to rebuild it
+        prepared = {"tiny": "tiny-vl" if vl_task else "tiny-lm"}.get(name, name)
+        if prepared not in PREPARED:
+            raise
+        raise ValueError(f"the cached model {prepared!r} at {path} is damaged ({type(e).__name__}: {str(e)[:200]}); "
+                         f"rebuild it with `python make_models.py {prepared} --force`") from None
     tok = tokenizer_of(processor)
     if not getattr(tok, "chat_template", None) and not getattr(processor, "chat_template", None):
         raise ValueError("it has no chat template: prompts go through the checkpoint's own chat template (use an "

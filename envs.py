@@ -883,6 +883,8 @@ def virl_load_panorama(panorama_dir, pano_id: str):
         return np.asarray(im.convert("RGB")), rotation
 
 
+VIRL_VLN_MINI_SKINS = ["milan", "new_delhi", "buenos_aires", "london", "hong_kong", "nyc", "melbourne", "lagos",
+                       "san_francisco"]  # the city skins of the generated worlds (make_virl_world.py), VLN-mini order
 VIRL_WORLD_VERSION = 1  # of the worlds make_virl_world.py writes: part of their folder name and random streams
 
 
@@ -1153,6 +1155,95 @@ def virl_probes(response_text: str, gt_action: str, absolute_action: bool = True
     action = virl_re_match(response_text, "action")
     return {"action_correct": action == gt_action, "action_in_stated_space": action in stated,
             "action_in_other_space": action in other - stated}
+
+
+# ---- Describing an image: the targets of the vision pre-training stage (make_models.py) and the recognition probe
+# of eval.py --recognition. Not the official prompts: the official tasks never ask for a description.
+GP_DESCRIBE_PROMPT = "What cards are shown, from left to right?"
+VIRL_DESCRIBE_PROMPT = "Which landmark signs can you read in the street view grid?"
+SUIT_NAMES = {"H": "hearts", "D": "diamonds", "S": "spades", "C": "clubs"}
+_CARD_RE = re.compile(r"\b(A|[2-9]|10|J|Q|K) of (hearts|diamonds|spades|clubs)\b")
+
+
+def gp_caption(ranks, suits) -> str:
+    """'A of hearts, 7 of clubs, 7 of diamonds, 10 of spades': every card left to right with its suit."""
+    return ", ".join(f"{plain_card_name(r)} of {SUIT_NAMES[s]}" for r, s in zip(ranks, suits))
+
+
+def gp_read_caption(text: str) -> list[tuple[str, str]]:
+    """The (card name, suit letter) pairs a description names, in order (linear-time regex; junk gives [])."""
+    letter = {v: k for k, v in SUIT_NAMES.items()}
+    return [(m[1], letter[m[2]]) for m in _CARD_RE.finditer(text[:2000])]
+
+
+def virl_caption(names) -> str:
+    """'Delancey Museum; Madison Deli' (the readable signs, grid order) or 'No landmarks nearby'."""
+    return "; ".join(names) if names else VIRL_NO_LANDMARK_RAIL
+
+
+def virl_read_caption(text: str) -> list[str]:
+    """The landmark names a description lists ([] for 'No landmarks nearby' or junk)."""
+    text = text[:2000].strip()
+    return [] if text.startswith(VIRL_NO_LANDMARK_RAIL) else [n.strip() for n in text.split(";") if n.strip()]
+
+
+class DescribeEnv:
+    """The recognition probe as a one-turn environment: an image of the task and the describe prompt; the reply is
+    scored against what the image shows (reward 1 when fully right), never verified.
+    gp: a GP-VL hand of GeneralPointsEnv(**env_kwargs); cards_correct = the card names, in order, are the hand's.
+    virl: a rail point of a held-out route whose observation names a landmark, in the generated world of skin
+    worlds[i % len(worlds)] for the i-th reset; is_correct = the description names that landmark."""
+
+    def __init__(self, task: str, worlds=("nyc",), **env_kwargs):
+        if task not in ("gp", "virl"):
+            raise ValueError(f"task must be 'gp' or 'virl', got {task!r}")
+        self.task, self.worlds, self.env_kwargs, self.resets = task, list(worlds), env_kwargs, 0
+        self.envs = {}
+
+    def _env(self, world=None):
+        if world not in self.envs:
+            self.envs[world] = (GeneralPointsEnv(language_only=False, **self.env_kwargs) if self.task == "gp" else
+                                NavigationEnv(language_only=False, world=world, split="heldout", **self.env_kwargs))
+        return self.envs[world]
+
+    def reset(self, seed: int | None = None, options: dict | None = None):
+        rng = random.Random(seed)
+        index = (options or {}).get("index", self.resets)
+        self.resets += 1
+        if self.task == "gp":
+            env = self._env()
+            env.reset(seed=seed)
+            self.image, self.truth = env.image, list(zip(env.cards, env.suits))
+            prompt, info = GP_DESCRIBE_PROMPT, {"cards": env.cards, "instance_id": env.instance_id}
+        else:
+            self.world = world = self.worlds[index % len(self.worlds)]
+            env = self._env(world)
+            for _ in range(1000):
+                env.reset(seed=rng.randrange(2 ** 31))
+                marks = [k for k, p in enumerate(env.rail) if " is on your " in p["observation"]]
+                if marks:
+                    break
+            else:
+                raise RuntimeError(f"no held-out route of world {world!r} passes a landmark")
+            k = rng.choice(marks)
+            self.image, self.truth = env.image_at(k), env.rail[k]["observation"].split(" is on your ")[0]
+            prompt, info = VIRL_DESCRIBE_PROMPT, {"route_idx": env.route_idx, "world": world,
+                                                  "instance_id": f"{world}:{env.instance_id}:{k}"}
+        self.messages = [{"role": "user", "content": prompt}]
+        return {"messages": [dict(m) for m in self.messages], "image": self.image}, info
+
+    def step(self, response_text: str):
+        if self.task == "gp":
+            read = gp_read_caption(response_text)
+            hits = sum(a[0] == b[0] for a, b in zip(read, self.truth))
+            correct = [a[0] for a in read] == [b[0] for b in self.truth]
+            info = {"cards_correct": correct, "card_hits": hits, "suits_correct": read == self.truth}
+        else:
+            correct = self.truth in virl_read_caption(response_text)
+            info = {"landmark": self.truth, "world": self.world}
+        info |= {"is_correct": correct, "is_success": correct, "outcome": "RECOGNIZED" if correct else "MISSED",
+                 "verify_info": ""}
+        return {"messages": self.messages, "image": self.image}, float(correct), True, False, info
 
 
 if __name__ == "__main__":  # play one episode in the terminal

@@ -46,8 +46,8 @@ class Args:
     label: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
     """optional column names for --model-path, in the same order (default: the directory name)"""
     settings: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
-    """run only these settings (id, id-unseen, rule-ood, visual-ood, recog-id, recog-rule-ood, recog-visual-ood);
-    empty = all"""
+    """run only these settings (id, id-unseen, rule-ood, visual-ood, recog-id, recog-rule-ood, recog-visual-ood,
+    describe-id, describe-visual-ood); empty = all"""
     run_dir: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
     """training run(s) whose saved checkpoints (every subdirectory with a config.json) are evaluated and plotted"""
     init_path: Optional[str] = None
@@ -73,6 +73,12 @@ class Args:
     """GP hands: all | seen (training hands) | unseen (held-out hands); ID is always also reported by info['seen']"""
     gp_image_size: Optional[int] = None
     """GP-VL rendered image size (None = the official 1200x1200; the processor resizes anyway)"""
+    describe: bool = True
+    """VL tasks: also the recognition probe (describe-id, describe-visual-ood): each checkpoint describes held-out
+    images (GP-VL hands; V-IRL-VL views of held-out routes that pass a landmark, per city skin), scored against what
+    they show (detail #19)"""
+    virl_describe_views: int = 144
+    """V-IRL-VL views per describe-* setting (visual OOD: spread evenly over the 8 other city skins)"""
     separate_recognition_runs: bool = False
     """run the official single-turn recognition runs (verify_iter 1) instead of reading the first answers"""
 
@@ -143,7 +149,8 @@ class Args:
 
 
 TASKS = ("gp-l", "gp-vl", "virl-l", "virl-vl")
-ALL_SETTINGS = ("id", "id-unseen", "rule-ood", "visual-ood", "recog-id", "recog-rule-ood", "recog-visual-ood")
+ALL_SETTINGS = ("id", "id-unseen", "rule-ood", "visual-ood", "recog-id", "recog-rule-ood", "recog-visual-ood",
+                "describe-id", "describe-visual-ood")
 
 
 # ---- Settings matrix (protocol.md §6.3) ----
@@ -160,6 +167,10 @@ class Setting:
     @property
     def family(self) -> str:
         return "gp" if self.task.startswith("gp") else "virl"
+
+    @property
+    def describe(self) -> bool:  # the recognition probe (detail #19)
+        return self.name.startswith("describe-")
 
     def episode_seeds(self) -> list[int]:  # detail #2
         rng = random.Random(self.seed)
@@ -181,6 +192,11 @@ def build_settings(args: Args, task: str) -> list[Setting]:  # detail #1
         if args.separate_recognition_runs:  # detail #4
             out += [Setting(task, "recog-" + s.name, dict(s.env_kwargs, verify_iter=1), s.num_episodes, s.seed,
                             max_turns=1) for s in list(out)]
+        if vl and args.describe:  # detail #19: held-out hands, black (ID) and red (visual OOD)
+            image = {"image_size": args.gp_image_size} if args.gp_image_size else {}
+            out += [Setting(task, f"describe-{name}", dict(face_cards_color=colour, split="unseen", **image),
+                            args.gp_num_episodes, args.gp_seed, max_turns=1)
+                    for name, colour in (("id", "black"), ("visual-ood", "red"))]
     else:
         base = dict(verify_iter=args.virl_verify_iter, language_only=not vl)
         if vl and args.virl_resolution:
@@ -198,6 +214,13 @@ def build_settings(args: Args, task: str) -> list[Setting]:  # detail #1
                           else dict(world="vln_mini"))
             out.append(Setting(task, "visual-ood", visual, args.virl_visual_ood_routes, args.virl_seed,
                                route_order=True))
+        if vl and args.describe:  # detail #19: held-out routes of the training city and of the 8 other skins
+            from envs import VIRL_VLN_MINI_SKINS
+            views = {k: base[k] for k in ("resolution", "crop_size") if k in base}
+            out += [Setting(task, f"describe-{name}", dict(views, worlds=worlds), args.virl_describe_views,
+                            args.virl_seed, max_turns=1)
+                    for name, worlds in (("id", ["nyc"]), ("visual-ood", [w for w in VIRL_VLN_MINI_SKINS
+                                                                          if w != "nyc"]))]
     if args.settings:
         out = [s for s in out if s.name in args.settings]
     return out
@@ -211,8 +234,10 @@ def virl_data_kwargs(folder: str) -> dict:
 
 
 def make_env(setting: Setting):
-    """One GeneralPoints or V-IRL environment for a setting."""
-    from envs import GeneralPointsEnv, NavigationEnv
+    """One GeneralPoints or V-IRL environment for a setting (the recognition probe's for describe-*)."""
+    from envs import DescribeEnv, GeneralPointsEnv, NavigationEnv
+    if setting.describe:
+        return DescribeEnv(setting.family, **setting.env_kwargs)
     return (GeneralPointsEnv if setting.family == "gp" else NavigationEnv)(**setting.env_kwargs)
 
 
@@ -262,7 +287,8 @@ def run_episodes(setting: Setting, policy: Policy, batch_size: int = 32, env_fac
                                         outcome=info.get("outcome"), verify_info=info.get("verify_info"),
                                         cards_correct=info.get("cards_correct"), is_correct=info.get("is_correct"),
                                         is_success=bool(info.get("is_success", False)),
-                                        terminated=bool(terminated), truncated=bool(truncated)))
+                                        terminated=bool(terminated), truncated=bool(truncated),
+                                        **{k: info[k] for k in ("card_hits", "suits_correct", "world") if k in info}))
             if terminated or truncated or len(record["turns"]) >= setting.max_turns:
                 records[record["episode"]] = finish_episode(setting, record)
                 if on_episode is not None:
@@ -308,10 +334,20 @@ def finish_episode(setting: Setting, record: dict) -> dict:
     # summed over the verified steps (detail #17)
     from envs import gp_probes, virl_probes
     kw = setting.env_kwargs
-    if setting.family == "gp":
+    if setting.describe:  # the recognition probe's scores (detail #19)
+        t = turns[0]
+        record["probes"] = ({"whole hand": [float(t["is_correct"]), 1], "per card": [float(t["card_hits"]), 4],
+                             "whole hand with suits": [float(t["suits_correct"]), 1]} if setting.family == "gp" else
+                            {f"landmark named ({w})": [float(t["is_correct"]), 1] if w == t["world"] else [0.0, 0]
+                             for w in kw["worlds"]} | {"landmark named": [float(t["is_correct"]), 1]})
+    elif setting.family == "gp":
         probes = gp_probes(turns[0]["response"], record["cards"], kw.get("target_points", 24),
                            kw.get("treat_face_cards_as_10", True))
         record["probes"] = {k: [0.0, 0] if v is None else [float(v), 1] for k, v in probes.items()}
+        if setting.task == "gp-vl":  # per-card recognition: cards of the "cards" field at their position
+            from envs import re_match, robust_str_to_list
+            named = robust_str_to_list(re_match(turns[0]["response"], "cards"))
+            record["probes"]["cards_recognized"] = [float(sum(a == b for a, b in zip(named, record["cards"]))), 4]
     else:
         probes = [virl_probes(x["response"], "", kw.get("absolute_action", True)) for x in turns
                   if x.get("outcome") != "STEP_LIMIT"]
@@ -344,8 +380,8 @@ def metrics_of(setting: Setting, episodes: list[dict]) -> dict[str, tuple[int, i
                 out[f"success@turn-{k}"] = (sum(e["success_turn"] is not None and e["success_turn"] <= k
                                                 for e in episodes), n)
         judged = [e["first_cards_correct"] for e in episodes if e["first_cards_correct"] is not None]
-        if judged and setting.task.endswith("-vl"):  # recognition accuracy (protocol.md §3): the first answer's
-            out["recognition"] = (sum(judged), len(judged))  # "cards" field equals the hand (GP-L: copied text)
+        if judged and setting.task.endswith("-vl") and not setting.describe:  # recognition accuracy (protocol.md
+            out["recognition"] = (sum(judged), len(judged))  # §3): the first answer's "cards" field equals the hand
     env_errors = sum(any(t.get("outcome") == "ENV_ERROR" for t in e["turns"]) for e in episodes)
     if env_errors:  # episodes ended by an env.step that raised (only shown when there are any)
         out["env errors"] = (env_errors, n)
@@ -354,7 +390,8 @@ def metrics_of(setting: Setting, episodes: list[dict]) -> dict[str, tuple[int, i
             out[name] = (int(sum(num)), int(sum(den)))
     from envs import GP_OUTCOMES, VIRL_OUTCOMES
     answers = [t.get("outcome") for e in episodes for t in e["turns"]]
-    for outcome in GP_OUTCOMES if setting.family == "gp" else VIRL_OUTCOMES:  # the verifier's outcome distribution
+    # the verifier's outcome distribution (none for the recognition probe)
+    for outcome in () if setting.describe else GP_OUTCOMES if setting.family == "gp" else VIRL_OUTCOMES:
         out[f"answers: {outcome}"] = (answers.count(outcome), len(answers))
     return out
 
@@ -368,8 +405,10 @@ def measures_of(episodes: list[dict]) -> dict[str, tuple[list, list]]:
         out["per-step accuracy"] = ([e["num_correct_steps"] for e in episodes], [e["num_steps"] for e in episodes])
     rewards = [e["reward"] for e in episodes]
     out |= {"reward / episode": (rewards, ones), "reward / answer": (rewards, [e["num_steps"] for e in episodes])}
+    describe = episodes[0].get("setting", "").startswith("describe-")
+    prefix = "recognition: " if describe else "first answer: " if gp else "steps: "
     for key in episodes[0]["probes"]:
-        out[("first answer: " if gp else "steps: ") + key.replace("_", " ")] = \
+        out[prefix + key.replace("_", " ")] = \
             tuple([e["probes"][key][i] for e in episodes] for i in (0, 1))
     return out
 

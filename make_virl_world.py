@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from envs import (EARTH_RADIUS_M, VIRL_DIRECTIONS_ABS, VIRL_WORLD_VERSION, _font, virl_world_dir,
+from envs import (EARTH_RADIUS_M, VIRL_DIRECTIONS_ABS, VIRL_VLN_MINI_SKINS, VIRL_WORLD_VERSION, _font, virl_world_dir,
                   virl_world_files)
 
 VIRL_CATEGORIES = ["Hotel", "Cafe", "Bank", "Pharmacy", "Bookstore", "Bakery", "Museum", "Pizzeria", "Gym", "Florist",
@@ -93,8 +93,6 @@ VIRL_SKINS = {
 }
 # the VLN-mini analogue (visual OOD): 2 routes in each of 9 cities, fixed order; "nyc" here is a different city
 # layout (other seed) with held-out routes, as VLN mini also contains New York routes
-VIRL_VLN_MINI_SKINS = ["milan", "new_delhi", "buenos_aires", "london", "hong_kong", "nyc", "melbourne", "lagos",
-                       "san_francisco"]
 VIRL_WORLDS = {  # name -> generate_virl_world kwargs
     **{sk: dict(skin=sk, num_routes=300, num_heldout_routes=60) for sk in VIRL_SKINS},
     "vln_mini": dict(skin=VIRL_VLN_MINI_SKINS, num_routes=18, num_heldout_routes=0, grid_size=5),
@@ -250,6 +248,22 @@ class _VirlCity:
                 for li, line in enumerate(lines):
                     draw.text((x0 + off + 2, y0 + 2 + li * (fsize + 1)), line, fill=text_rgb, font=font)
         return im
+
+
+def virl_readable_signs(city: _VirlCity, xy, heading: float, read_m: float = 25.0) -> list[dict]:
+    """The landmark signs a 2x2 view grid (envs.virl_view_grid at `heading`) shows large enough to read: those within
+    `read_m` metres, in grid order (tile 0..3 = views at heading -135, -45, +45, +135; left to right in a tile).
+    Each: name, tile, x (-1 left edge .. 1 right edge of its tile). The vision pre-training stage's labels."""
+    signs = []
+    for lm in city.landmarks:
+        dx, dy = lm["xy"][0] - xy[0], lm["xy"][1] - xy[1]
+        if not 1 <= math.hypot(dx, dy) <= read_m:
+            continue
+        rel = (math.degrees(math.atan2(dx, dy)) - heading + 180) % 360 - 180      # -180..180, 0 = ahead
+        tile = min(3, int((rel + 180) // 90))
+        x = math.tan(math.radians(rel - (-135 + 90 * tile)))                       # pinhole, FOV 90
+        signs.append({"name": lm["name"], "tile": tile, "x": x})
+    return sorted(signs, key=lambda s: (s["tile"], s["x"]))
 
 
 def _virl_make_routes(city: _VirlCity, rng: random.Random, count: int, taken: set, pair_taken: set):

@@ -161,7 +161,7 @@ def test_gp_vl_through_the_api_resumes_and_a_wrong_key_stops_in_one_line(tmp_pat
     proc, port = start_stub(tmp_path, 0, "--die-after", 5)
     cmd = ["--task", "gp-vl", "--api-base", f"http://127.0.0.1:{port}/v1", "--api-model", "stub", "--gp-num-episodes",
            n, "--gp-verify-iter", 1, "--batch-size", 2, "--api-retries", 1, "--api-backoff-s", 0.05,
-           "--bootstrap-samples", 200, "--output-dir", out, "--resume"]
+           "--bootstrap-samples", 200, "--output-dir", out, "--resume", "--no-describe"]
     try:
         assert run_eval(*cmd).returncode == 1
         proc.wait(timeout=30)

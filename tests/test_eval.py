@@ -14,7 +14,8 @@ import pytest
 
 import eval as ev
 import report
-from envs import ResponseEqn, solve
+import envs
+from envs import GP_DESCRIBE_PROMPT, ResponseEqn, solve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -176,7 +177,8 @@ def test_gp_metrics_scripted_policy():
 def test_gp_recognition_run_is_single_turn():
     args = ev.Args(gp_num_episodes=3, separate_recognition_runs=True)
     settings = {s.name: s for s in ev.build_settings(args, "gp-vl")}
-    assert set(settings) == {"id", "rule-ood", "visual-ood", "recog-id", "recog-rule-ood", "recog-visual-ood"}
+    assert set(settings) == {"id", "rule-ood", "visual-ood", "recog-id", "recog-rule-ood", "recog-visual-ood",
+                             "describe-id", "describe-visual-ood"}
     assert settings["visual-ood"].env_kwargs["face_cards_color"] == "red"
     assert settings["rule-ood"].env_kwargs["face_cards_color"] == "black"
     assert settings["rule-ood"].env_kwargs["ood"] and not settings["rule-ood"].env_kwargs["treat_face_cards_as_10"]
@@ -187,6 +189,34 @@ def test_gp_recognition_run_is_single_turn():
     m = ev.metrics_of(recog, episodes)
     assert m["success"] == (0, 3) and not any("@turn" in k for k in m) and "recognition" not in m
     assert ev.metrics_of(dataclasses.replace(recog, task="gp-vl"), episodes)["recognition"] == (0, 3)
+
+
+def test_describe_settings_score_descriptions_of_held_out_hands():
+    """The recognition probe (detail #19): one turn per held-out hand, scored per card at its position."""
+    settings = {s.name: s for s in ev.build_settings(ev.Args(gp_num_episodes=6, gp_image_size=64), "gp-vl")}
+    assert settings["describe-id"].env_kwargs == dict(face_cards_color="black", split="unseen", image_size=64)
+    assert settings["describe-visual-ood"].env_kwargs["face_cards_color"] == "red"
+    assert ev.build_settings(ev.Args(describe=False), "gp-vl")[-1].name == "visual-ood"
+    answer = "A of spades, 7 of clubs, K of spades, 10 of clubs"
+    episodes = ev.run_episodes(settings["describe-id"], lambda batch: [answer] * len(batch), log_every_s=1e9)
+    assert all(e["num_steps"] == 1 and e["turns"][0]["messages"][0]["content"] == GP_DESCRIBE_PROMPT
+               for e in episodes)
+    assert all(envs.is_unseen(e["instance_id"]) for e in episodes)
+    hits = sum(a == b for e in episodes for a, b in zip(["A", "7", "K", "10"], e["cards"]))
+    whole = sum(e["cards"] == ["A", "7", "K", "10"] for e in episodes)
+    m = ev.metrics_of(settings["describe-id"], episodes)
+    assert m["recognition: per card"] == (hits, 24) and m["recognition: whole hand"] == (whole, 6)
+    assert m["success"] == (whole, 6) and "recognition" not in m and not any(k.startswith("answers:") for k in m)
+
+
+def test_describe_settings_of_virl_name_landmarks_per_skin():
+    settings = {s.name: s for s in ev.build_settings(ev.Args(virl_describe_views=2, virl_resolution=32), "virl-vl")}
+    assert settings["describe-id"].env_kwargs["worlds"] == ["nyc"]
+    assert len(settings["describe-visual-ood"].env_kwargs["worlds"]) == 8
+    episodes = ev.run_episodes(settings["describe-id"], lambda batch: ["No landmarks nearby"] * len(batch),
+                               log_every_s=1e9)
+    m = ev.metrics_of(settings["describe-id"], episodes)
+    assert m["recognition: landmark named"] == (0, 2) and m["recognition: landmark named (nyc)"] == (0, 2)
 
 
 # ---- V-IRL arithmetic with a fake navigation env (same episode API) ----
@@ -273,7 +303,7 @@ def test_virl_real_env_wrong_then_oracle_is_half_the_steps():
 def test_virl_visual_ood_routes_in_fixed_order():
     args = ev.Args(virl_visual_ood_routes=4)
     settings = {s.name: s for s in ev.build_settings(args, "virl-vl")}
-    assert list(settings) == ["id", "id-unseen", "rule-ood", "visual-ood"]
+    assert list(settings) == ["id", "id-unseen", "rule-ood", "visual-ood", "describe-id", "describe-visual-ood"]
     assert settings["id"].env_kwargs["absolute_action"] and not settings["rule-ood"].env_kwargs["absolute_action"]
     assert settings["id-unseen"].env_kwargs["split"] == "heldout" and settings["id"].num_episodes == 48
     visual = settings["visual-ood"]

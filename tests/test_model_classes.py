@@ -22,6 +22,8 @@ from make_virl_world import generate_virl_world
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = {"tiny-mllama": "MllamaForConditionalGeneration", "tiny-qwen2vl": "Qwen2VLForConditionalGeneration",
            "tiny-llava": "LlavaForConditionalGeneration"}
+# the end-to-end chain also runs on the default VL layout after the vision pre-training stage (issue 14)
+END_TO_END = {**CLASSES, "tiny-vl-seeing": "Idefics3ForConditionalGeneration"}
 PPO = ["--num-envs", "2", "--num-steps", "1", "--update-epochs", "1", "--micro-batch-size", "2", "--max-new-tokens",
        "8", "--num-updates", "1", "--eval-every", "0", "--save-every", "0"]
 
@@ -154,7 +156,7 @@ def ppo_records(cwd) -> tuple:
     return [json.loads(line) for line in open(run_dir / "metrics.jsonl")], run_dir / "checkpoints" / "update_0001"
 
 
-@pytest.mark.parametrize("name", CLASSES)
+@pytest.mark.parametrize("name", END_TO_END)
 def test_sft_ppo_eval_end_to_end(name, tmp_path, world):
     """sft.py (2 steps, GP-VL) -> ppo_generalpoints.py --task gp-vl from that checkpoint (one update) -> eval.py on
     the PPO checkpoint (GP-VL, 2 episodes, 2 turns); ppo_virl.py --task virl-vl from the prepared model (one update).
@@ -165,7 +167,7 @@ def test_sft_ppo_eval_end_to_end(name, tmp_path, world):
          "--run-name", "sft"], tmp_path)
     sft_rows = [json.loads(line) for line in open(tmp_path / "sft" / "metrics.jsonl")]
     assert [r["step"] for r in sft_rows if "losses/loss" in r] == [1, 2] and "eval/id_success" in sft_rows[-1]
-    assert json.load(open(tmp_path / "sft" / "final" / "config.json"))["architectures"] == [CLASSES[name]]
+    assert json.load(open(tmp_path / "sft" / "final" / "config.json"))["architectures"] == [END_TO_END[name]]
 
     gp = tmp_path / "gp"
     gp.mkdir()
@@ -174,14 +176,17 @@ def test_sft_ppo_eval_end_to_end(name, tmp_path, world):
     rows, ckpt = ppo_records(gp)
     (update,) = [r for r in rows if "losses/pg_loss" in r]
     assert update["update"] == 1 and math.isfinite(update["losses/pg_loss"]) and math.isfinite(update["losses/v_loss"])
-    assert json.load(open(ckpt / "config.json"))["architectures"] == [CLASSES[name]]
+    assert json.load(open(ckpt / "config.json"))["architectures"] == [END_TO_END[name]]
 
-    out = tmp_path / "eval"
+    out = tmp_path / "eval"  # the episodes and the recognition probe (describe-id)
     run([os.path.join(ROOT, "eval.py"), "--model-path", str(ckpt), "--task", "gp-vl", "--settings", "id",
-         "--gp-num-episodes", "2", "--gp-verify-iter", "1", "--max-new-tokens", "4", "--gp-image-size", "64",
-         "--output-dir", str(out)], tmp_path)
+         "--settings", "describe-id", "--gp-num-episodes", "2", "--gp-verify-iter", "1", "--max-new-tokens", "4",
+         "--gp-image-size", "64", "--output-dir", str(out)], tmp_path)
     episodes = [json.loads(line) for line in open(out / "episodes.jsonl")]
-    assert len(episodes) == 2 and all(isinstance(t["response"], str) for e in episodes for t in e["turns"])
+    assert sorted(e["setting"] for e in episodes) == ["describe-id"] * 2 + ["id"] * 2
+    assert all(isinstance(t["response"], str) for e in episodes for t in e["turns"])
+    metrics = {r["setting"]: r["metrics"] for r in json.load(open(out / "results.json"))["per_setting"]}
+    assert metrics["describe-id"]["recognition: per card"][1] == 8 and "first answer: cards recognized" in metrics["id"]
 
     virl = tmp_path / "virl"
     virl.mkdir()

@@ -1,0 +1,104 @@
+"""The vision pre-training stage (make_models.py) and the recognition probe (envs.DescribeEnv, eval.py describe-*),
+on the tiny VL model: the stage trains what it says and freezes the rest, its checkpoint is a prepared name built
+atomically, a damaged cache is named in one message; descriptions are scored against what the image shows."""
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import envs
+import make_models as mm
+from common import load_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_STAGE = mm.VisionStage(tower_steps=3, align_steps=2, batch_size=4, align_batch_size=4)
+
+
+def test_stage_trains_the_vision_tower_and_freezes_the_text_tower():
+    vlm, processor = mm.build_tiny(True)
+    before = copy.deepcopy(vlm.state_dict())
+    mm.vision_stage(vlm, processor, TINY_STAGE, log=lambda line: None)
+    after = vlm.state_dict()
+    text = [k for k in after if not k.startswith(("model.vision_model.", "model.connector."))]
+    vision = [k for k in after if k.startswith(("model.vision_model.", "model.connector."))]
+    assert text and all(torch.equal(before[k], after[k]) for k in text)  # bit-identical
+    assert sum(not torch.equal(before[k], after[k]) for k in vision) > len(vision) // 2
+    assert all(p.requires_grad for p in vlm.parameters())  # a normal checkpoint again
+    stage = vlm.config.vision_stage
+    assert stage["tower_steps"] == 3 and stage["visuals"] == "all" and len(stage["word_acc"]) == 2
+
+
+def test_describe_data_targets_point_at_what_the_image_shows():
+    _, processor = mm.build_tiny(True)
+    data = mm.DescribeData(processor, "id", seed=0)
+    image, prompt, caption, words = data.gp()
+    assert prompt == envs.GP_DESCRIBE_PROMPT and image.size == (64, 64)
+    cards = envs.gp_read_caption(caption)
+    assert len(cards) == 4 and {s for _, s in cards} <= set("SC")  # "id": black suits only
+    tok = processor.tokenizer
+    # 4 x 4 image tokens: card i's rank on row 1, its suit on row 2, column i
+    assert [t for t, _ in words] == [4, 8, 5, 9, 6, 10, 7, 11]
+    assert [tok.decode([w]) for _, w in words][::2] == [c[0] for c, _ in cards]  # "10" -> "1"
+    for _ in range(20):  # street views: every target is a sign's line, two per sign
+        image, prompt, caption, words = data.virl()
+        names = envs.virl_read_caption(caption)
+        assert prompt == envs.VIRL_DESCRIBE_PROMPT and len(words) <= 2 * len(names)
+        assert all(0 <= t < 16 for t, _ in words) and len({t for t, _ in words}) == len(words)
+
+
+def test_captions_read_back_and_junk_reads_as_nothing():
+    assert envs.gp_read_caption(envs.gp_caption([1, 10, 12, 7], "HSDC")) == [("A", "H"), ("10", "S"), ("Q", "D"),
+                                                                            ("7", "C")]
+    assert envs.virl_read_caption(envs.virl_caption(["Empire Market", "Bleecker Bar"])) == ["Empire Market",
+                                                                                           "Bleecker Bar"]
+    assert envs.virl_read_caption(envs.virl_caption([])) == []
+    for junk in ("", "{" * 10000, "of of of", "\x00" * 50):
+        assert envs.gp_read_caption(junk) == [] and isinstance(envs.virl_read_caption(junk), list)
+
+
+def test_describe_env_scores_a_description():
+    env = envs.DescribeEnv("gp", face_cards_color="black", split="unseen", image_size=64)
+    obs, info = env.reset(seed=3)
+    assert obs["messages"] == [{"role": "user", "content": envs.GP_DESCRIBE_PROMPT}] and obs["image"] is not None
+    truth = env.truth
+    right = ", ".join(f"{c} of {envs.SUIT_NAMES[s]}" for c, s in truth)
+    _, reward, terminated, _, info = env.step(right)
+    assert (reward, terminated, info["card_hits"], info["suits_correct"]) == (1.0, True, 4, True)
+    wrong_first = "K" if truth[0][0] != "K" else "Q"
+    _, reward, _, _, info = env.step(right.replace(truth[0][0], wrong_first, 1))
+    assert reward == 0.0 and not info["cards_correct"] and info["card_hits"] == 3
+
+    env = envs.DescribeEnv("virl", worlds=["nyc"], resolution=32, crop_size=None)
+    obs, info = env.reset(seed=1)
+    assert info["world"] == "nyc" and " is on your " not in env.truth and env.truth
+    assert env.step(f"Some Cafe; {env.truth}")[1] == 1.0 and env.step("No landmarks nearby")[1] == 0.0
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cache")
+    env = {**os.environ, "SFTVSRL_CACHE": str(d), "PYTHONPATH": ROOT}
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "make_models.py"), "tiny-vl-seeing"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "vision stage B 2/2" in out.stdout
+    return d
+
+
+def test_prepared_name_is_written_whole_and_a_damaged_one_is_named(cache, monkeypatch):
+    path = cache / mm.DIRS["tiny-vl-seeing"]
+    assert sorted(p.name for p in cache.iterdir()) == [mm.DIRS["tiny-vl"], mm.DIRS["tiny-vl-seeing"]] or \
+        [p.name for p in cache.iterdir() if ".tmp" in p.name] == []
+    assert json.load(open(path / "config.json"))["vision_stage"]["align_steps"] == 2
+    import common
+    monkeypatch.setattr(common, "CACHE_DIR", str(cache))
+    model, processor = load_model("tiny-vl-seeing", vl_task=True)
+    assert type(model).__name__ == "Idefics3ForConditionalGeneration"
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a damaged cache
+    with pytest.raises(ValueError, match=r"rebuild it with `python make_models.py tiny-vl-seeing --force`"):
+        load_model("tiny-vl-seeing", vl_task=True)
