@@ -5,6 +5,7 @@ Details, departures from the official evaluator, measured numbers: docs/eval.md 
     python eval.py --model-path runs/sft_gp-l/final --task gp-l             # GP-L: 234 episodes x ID / rule-OOD
     python eval.py --model-path smollm2 --model-path runs/ppo/final --task gp-l   # two columns + paired test
     python eval.py --model-path smolvlm --task gp-vl                        # ID / rule-OOD / visual-OOD (red suits)
+    python eval.py --model-path smolvlm --task gp-vl --settings describe-id   # card recognition alone (detail #19)
     python eval.py --model-path runs/virl/final --task virl-l               # 48 routes, per-step accuracy + success
     python eval.py --run-dir runs/sft_run --run-dir runs/ppo_run --task gp-l --init-path smollm2   # Fig. 5/6 curves
     python eval.py --replay runs/eval/.../episodes.jsonl                    # re-score every logged episode
