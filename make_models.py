@@ -169,7 +169,7 @@ class VisionStage:
     batch_size: int = 32
     """part A images per task per step"""
     align_batch_size: int = 16
-    """part B descriptions per step (half cards, half street views)"""
+    """part B descriptions per step (the tasks in equal parts)"""
     tower_lr: float = 1e-3
     """part A learning rate (AdamW, 20 warm-up steps, cosine)"""
     align_lr: float = 3e-4
@@ -248,6 +248,13 @@ def sign_lines(name: str) -> list[str]:
     return [" ".join(words[: (len(words) + 1) // 2]), " ".join(words[(len(words) + 1) // 2:])]
 
 
+def check_finite(loss: torch.Tensor, where: str):
+    """Stop before a non-finite loss reaches the weights: nothing is saved, the cache stays as it was."""
+    if not torch.isfinite(loss):
+        raise SystemExit(f"make_models.py: error: the vision stage's loss is {loss.item()} at {where}; nothing was "
+                         "written (lower the stage's learning rates)")
+
+
 def cosine_lr(step: int, steps: int, lr: float, warmup: int = 20) -> float:
     return lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
 
@@ -281,6 +288,7 @@ def vision_stage(vlm, processor, cfg: VisionStage, log=print):
             picked = tokens[i, t]                                                               # (N, D)
             logits = picked.float() @ embed.float().T                                           # (N, V)
             loss = F.cross_entropy(logits, w) + ((picked - embed[w]) ** 2).mean() / embed_var
+            check_finite(loss, f"part A step {step + 1}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], 1.0)
@@ -313,6 +321,7 @@ def vision_stage(vlm, processor, cfg: VisionStage, log=print):
         target = labels[:, 1:]
         scored = target != -100
         loss = F.cross_entropy(vlm.lm_head(hidden[scored]).float(), target[scored])           # fp32 log-probs
+        check_finite(loss, f"part B step {step + 1}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)

@@ -2,6 +2,7 @@
 on the tiny VL model: the stage trains what it says and freezes the rest, its checkpoint is a prepared name built
 atomically, a damaged cache is named in one message; descriptions are scored against what the image shows."""
 import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -101,3 +102,10 @@ def test_prepared_name_is_written_whole_and_a_damaged_one_is_named(cache, monkey
     weights.write_bytes(weights.read_bytes()[:1000])  # a damaged cache
     with pytest.raises(ValueError, match=r"rebuild it with `python make_models.py tiny-vl-seeing --force`"):
         load_model("tiny-vl-seeing", vl_task=True)
+
+
+def test_a_non_finite_loss_stops_the_stage():
+    """The stage stops before its weights are saved (make_models.py saves only after vision_stage returns)."""
+    vlm, processor = mm.build_tiny(True)
+    with pytest.raises(SystemExit, match=r"make_models.py: error: the vision stage's loss is (nan|inf|-inf) at part A"):
+        mm.vision_stage(vlm, processor, dataclasses.replace(TINY_STAGE, tower_lr=1e38), log=lambda line: None)
