@@ -262,8 +262,8 @@ def run_episodes(setting: Setting, policy: Policy, batch_size: int = 32, env_fac
             i = queue.pop(0)
             env = free_envs.pop() if free_envs else env_factory(setting)
             reset_kwargs = {"seed": seeds[i]}
-            if setting.route_order:
-                reset_kwargs["options"] = {"route_idx": i}
+            if setting.route_order or setting.describe:  # describe: episode i views world i mod the worlds
+                reset_kwargs["options"] = {"route_idx" if setting.route_order else "index": i}
             obs, info = env.reset(**reset_kwargs)
             record = dict(task=setting.task, setting=setting.name, episode=i, seed=seeds[i],
                           options=reset_kwargs.get("options"), env_kwargs=setting.env_kwargs,

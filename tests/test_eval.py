@@ -217,6 +217,12 @@ def test_describe_settings_of_virl_name_landmarks_per_skin():
                                log_every_s=1e9)
     m = ev.metrics_of(settings["describe-id"], episodes)
     assert m["recognition: landmark named"] == (0, 2) and m["recognition: landmark named (nyc)"] == (0, 2)
+    # visual OOD: episode i views the (i mod 8)-th skin, whatever env object serves it (batches reuse envs)
+    ood = dataclasses.replace(settings["describe-visual-ood"], num_episodes=16, env_kwargs=dict(
+        settings["describe-visual-ood"].env_kwargs, worlds=["milan", "london"]))
+    episodes = ev.run_episodes(ood, lambda batch: ["No landmarks nearby"] * len(batch), batch_size=3, log_every_s=1e9)
+    m = ev.metrics_of(ood, episodes)
+    assert m["recognition: landmark named (milan)"] == (0, 8) == m["recognition: landmark named (london)"]
 
 
 # ---- V-IRL arithmetic with a fake navigation env (same episode API) ----
