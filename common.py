@@ -29,13 +29,19 @@ CACHE_DIR = os.environ.get("SFTVSRL_CACHE", os.path.expanduser("~/.cache/sftvsrl
 PREPARED = {"smollm2": "smollm2-135m-instruct", "smolvlm-blind": "smolvlm-smollm2-135m-256px-v2",
             "smolvlm": "smolvlm-smollm2-135m-256px-v3-seeing", "smolvlm-id": "smolvlm-smollm2-135m-256px-v3-seeing-id",
             "tiny-lm": "tiny-lm-v1", "tiny-vl": "tiny-vl-v1", "tiny-vl-seeing": "tiny-vl-seeing-v1",
-            "tiny-mllama": "tiny-mllama-v1", "tiny-qwen2vl": "tiny-qwen2vl-v1", "tiny-llava": "tiny-llava-v1"}  # the directories make_models.py writes under CACHE_DIR
+            "tiny-mllama": "tiny-mllama-v1", "tiny-qwen2vl": "tiny-qwen2vl-v1", "tiny-llava": "tiny-llava-v1"}
+# (the directories make_models.py writes under CACHE_DIR)
+
+
+def prepared_name(name: str, vl_task: bool) -> str:
+    """`tiny` is tiny-vl for a VL task, tiny-lm otherwise; every other name unchanged."""
+    return {"tiny": "tiny-vl" if vl_task else "tiny-lm"}.get(name, name)
 
 
 def prepared_path(name: str, vl_task: bool) -> str:
     """`smollm2` | `smolvlm` | `tiny` | `tiny-mllama` | `tiny-qwen2vl` | `tiny-llava` -> the checkpoint make_models.py
     builds once under CACHE_DIR (it runs here on first use); any other name is a local path or a hub id, unchanged."""
-    name = {"tiny": "tiny-vl" if vl_task else "tiny-lm"}.get(name, name)
+    name = prepared_name(name, vl_task)
     if name not in PREPARED:
         return name
     path = os.path.join(CACHE_DIR, PREPARED[name])
@@ -58,7 +64,7 @@ def load_model(name: str, vl_task: bool, dtype=torch.float32):
         model = auto_model.from_pretrained(path, dtype=dtype)
         processor = load_processor(path) if is_vl_ckpt else AutoTokenizer.from_pretrained(path)
     except Exception as e:  # noqa: BLE001  a damaged cache of a prepared name: say how to rebuild it
-        prepared = {"tiny": "tiny-vl" if vl_task else "tiny-lm"}.get(name, name)
+        prepared = prepared_name(name, vl_task)
         if prepared not in PREPARED:
             raise
         raise ValueError(f"the cached model {prepared!r} at {path} is damaged ({type(e).__name__}: {str(e)[:200]}); "

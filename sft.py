@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import tyro
 from PIL import Image
 
-from common import (RunLog, check_finite, fail, fsdp_shard, latest_checkpoint, load_model, prepared_path,
+from common import (PREPARED, RunLog, check_finite, fail, fsdp_shard, latest_checkpoint, load_model, prepared_path,
                     recover_checkpoints, replace_dir, setup_distributed, tokenizer_of, truncate_metrics, weights_finite)
 
 
@@ -77,8 +77,8 @@ class Args:
     gradient_accumulation_steps: int = 0
     """micro-batches per optimizer step (0: 1 for GP, 2 for V-IRL, so that a default step is 8 examples either way)"""
     vision_lr: Optional[float] = None
-    """peak LR of a VL model's vision tower + connector (None: 2e-4 if it starts random (smolvlm-blind, tiny), else
-    --lr; detail #10)"""
+    """peak LR of a VL model's vision tower + connector (None: 2e-4 if it starts random (smolvlm-blind, the tiny
+    models), else --lr; detail #10)"""
     warmup_steps: int = 5
     """linear warm-up steps, then cosine decay to `min_lr_ratio * lr`"""
     min_lr_ratio: float = 0.0
@@ -481,7 +481,9 @@ if __name__ == "__main__":
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.mixed_precision and not synced_gpus)
 
     # Two parameter groups; the LR scale of each comes from the args, not from the optimizer state (detail #10)
-    random_vision = args.model_path in ("smolvlm-blind", "tiny", "tiny-vl")  # not through the vision stage
+    # a prepared model's tower starts random unless make_models.py's vision stage trained it (config.vision_stage)
+    random_vision = ({"default": "smolvlm"}.get(args.model_path, args.model_path) in ("tiny", *PREPARED)
+                     and not getattr(model.config, "vision_stage", None))
     vision_lr = args.vision_lr or (2e-4 if vl_task and random_vision else args.lr)
     text = [p for n, p in model.named_parameters() if p.requires_grad and not is_vision_param(n)]
     vision = [p for n, p in model.named_parameters() if p.requires_grad and is_vision_param(n)]
