@@ -1,6 +1,8 @@
 """One decode step of batched generation with HF's DynamicCache (torch.cat of the whole cache at every step) against
 common.GrowingLayer (new keys/values written into spare room), side by side in one run on one model: wall and CPU ms
-per step, their ratio, and the largest logit difference between the two (expected 0).
+per step, their ratio, and the largest logit difference between the two (expected 0). Then the step's floor: the
+bytes it must read (all weights, every row's cache) at the read bandwidth measured here, and its FLOPs at the matmul
+rate measured here at the same batch.
 
     python benchmarks/bench_kv_cache.py --model-path runs/sft-gp-l-default/final --batch 32 --context 500
     python benchmarks/bench_kv_cache.py --model-path tiny --batch 4 --context 50 --steps 4     # seconds
@@ -66,3 +68,31 @@ if __name__ == "__main__":
     print(f"DynamicCache / GrowingLayer: {best['DynamicCache'][0] / best['GrowingLayer'][0]:.2f}x wall, "
           f"{best['DynamicCache'][1] / best['GrowingLayer'][1]:.2f}x CPU; max |logit difference| "
           f"{(logits['DynamicCache'] - logits['GrowingLayer']).abs().max().item():.3g}")
+
+    # the floor of one decode step: every step reads all weights and every row's cache once, and multiplies the
+    # weights by `batch` tokens; the machine's read bandwidth and matmul rate are measured here, in the same run
+    big = torch.randn(256 * 2 ** 20)                                                      # 1 GiB
+    big.sum()
+    start = time.perf_counter()
+    for _ in range(3):
+        big.sum()
+    bandwidth = 3 * big.numel() * 4 / (time.perf_counter() - start)                       # bytes/s
+    del big
+    cfg = model.config
+    a, b = torch.randn(args.batch, cfg.hidden_size), torch.randn(cfg.hidden_size, cfg.intermediate_size)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(200):
+        a @ b
+    rate = 200 * 2 * a.shape[0] * b.numel() / (time.perf_counter() - start)              # FLOP/s at this batch
+    n_matmul = sum(p.numel() for p in model.parameters())  # the embedding table once: it is the (tied) lm_head
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 4 * args.batch * args.context
+    weight_bytes = 4 * n_matmul
+    t_bytes, t_flops = (weight_bytes + kv_bytes) / bandwidth, 2 * n_matmul * args.batch / rate
+    wall = best["GrowingLayer"][0]
+    print(f"FLOOR: read bandwidth {bandwidth / 1e9:.1f} GB/s (sum of 1 GiB), matmul {rate / 1e9:.0f} GFLOP/s at "
+          f"{args.batch} rows; one step reads {weight_bytes / 1e6:.0f} MB of weights + {kv_bytes / 1e6:.0f} MB of cache "
+          f"= {1000 * t_bytes:.0f} ms at that bandwidth, and computes {2 * n_matmul * args.batch / 1e9:.1f} GFLOP = "
+          f"{1000 * t_flops:.0f} ms at that rate; measured {1000 * wall:.0f} ms = {(t_bytes + t_flops) / wall:.0%} of "
+          f"their sum ({max(t_bytes, t_flops) / wall:.0%} of the larger)")

@@ -1,6 +1,7 @@
 """common.GrowingLayer: the KV cache that writes new tokens into spare room must give the logits of HF's
 DynamicCache exactly, across a buffer regrowth, and keep the right rows when a batch is reordered or cut."""
 import os
+import re
 import subprocess
 import sys
 
@@ -57,3 +58,4 @@ def test_kv_cache_benchmark_runs():
                          capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "max |logit difference| 0" in out.stdout, out.stdout
+    assert re.search(r"FLOOR: read bandwidth [\d.]+ GB/s .* measured \d+ ms = \d+% of their sum", out.stdout), out.stdout
