@@ -10,6 +10,7 @@ import pickle
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -38,6 +39,26 @@ def prepared_name(name: str, vl_task: bool) -> str:
     return {"tiny": "tiny-vl" if vl_task else "tiny-lm"}.get(name, name)
 
 
+def run_child(cmd: list) -> int:
+    """subprocess.run(cmd).returncode, but a SIGTERM to this script (`timeout`, `kill`) reaches the child too, and this
+    script then exits with it: a plain subprocess.run left the model build or the SFT build running on its own."""
+    child = subprocess.Popen(cmd)
+    stopped = []
+
+    def forward(signum, frame):
+        stopped.append(signum)
+        child.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        code = child.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if stopped:
+        raise SystemExit(128 + stopped[0])
+    return code
+
+
 def prepared_path(name: str, vl_task: bool) -> str:
     """`smollm2` | `smolvlm` | `tiny` | `tiny-mllama` | `tiny-qwen2vl` | `tiny-llava` -> the checkpoint make_models.py
     builds once under CACHE_DIR (it runs here on first use); any other name is a local path or a hub id, unchanged."""
@@ -47,7 +68,7 @@ def prepared_path(name: str, vl_task: bool) -> str:
     path = os.path.join(CACHE_DIR, PREPARED[name])
     if not os.path.isfile(os.path.join(path, "config.json")):
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "make_models.py")
-        if subprocess.run([sys.executable, script, name]).returncode != 0:
+        if run_child([sys.executable, script, name]) != 0:
             raise ValueError(f"building {name!r} failed (see above): run `python make_models.py {name}`")
     return path
 
@@ -726,6 +747,6 @@ def resolve_init_checkpoint(model_path: str, task: str, init_fallback: str, init
         sft_cmd[sft_cmd.index("--run-name"): sft_cmd.index("--run-name") + 2] = ["--resume", run]
     print(f"no SFT checkpoint for {task}: building it first with `{shlex.join(sft_cmd[1:])}` "
           "(once; later runs reuse it)", flush=True)
-    if subprocess.run(sft_cmd).returncode != 0 or not os.path.exists(os.path.join(default, "config.json")):
+    if run_child(sft_cmd) != 0 or not os.path.exists(os.path.join(default, "config.json")):
         fail(f"building the SFT checkpoint failed (see above); {hint}")
     return default

@@ -1,10 +1,14 @@
 """common.GrowingLayer: the KV cache that writes new tokens into spare room must give the logits of HF's
-DynamicCache exactly, across a buffer regrowth, and keep the right rows when a batch is reordered or cut."""
+DynamicCache exactly, across a buffer regrowth, and keep the right rows when a batch is reordered or cut; a SIGTERM
+to a script that builds a model or its SFT init stops the child build too (common.run_child)."""
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
+import pytest
 import torch
 import transformers
 
@@ -59,3 +63,19 @@ def test_kv_cache_benchmark_runs():
     assert out.returncode == 0, out.stderr[-2000:]
     assert "max |logit difference| 0" in out.stdout, out.stdout
     assert re.search(r"FLOOR: read bandwidth [\d.]+ GB/s .* measured \d+ ms = \d+% of their sum", out.stdout), out.stdout
+
+
+def test_sigterm_stops_the_child_build_too(tmp_path):
+    """`timeout ppo_virl.py --model-path auto` while it builds its SFT init: the sft.py child must not run on."""
+    pidfile = tmp_path / "child.pid"
+    child = f"import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    parent = subprocess.Popen([sys.executable, "-c", "import sys, common; "
+                               f"sys.exit(common.run_child([sys.executable, '-c', {child!r}]))"], cwd=ROOT)
+    for _ in range(600):
+        if pidfile.exists() and pidfile.read_text():
+            break
+        time.sleep(0.1)
+    parent.terminate()
+    assert parent.wait(timeout=60) == 128 + signal.SIGTERM
+    with pytest.raises(ProcessLookupError):  # the child was stopped and reaped
+        os.kill(int(pidfile.read_text()), 0)
