@@ -5,8 +5,10 @@ bytes it must read (all weights, every row's cache) at the read bandwidth measur
 rate measured here at the same batch.
 
     python benchmarks/bench_kv_cache.py --model-path runs/sft-gp-l-default/final --batch 32 --context 500
+    python benchmarks/bench_kv_cache.py --model-path runs/sft-gp-l-default/final --profile --repeats 1 --steps 8
     python benchmarks/bench_kv_cache.py --model-path tiny --batch 4 --context 50 --steps 4     # seconds
 """
+import contextlib
 import os
 import sys
 import time
@@ -32,21 +34,27 @@ class BenchArgs:
     """decode steps timed per repetition"""
     repeats: int = 2
     """repetitions of each cache kind, interleaved; the fastest is reported"""
+    profile: bool = False
+    """also print torch.profiler's table of the GrowingLayer decode steps (where a step's time goes, by operator)"""
 
 
 @torch.no_grad()
-def decode(model, kind: str, ids, mask, steps: int):
+def decode(model, kind: str, ids, mask, steps: int, profile: bool = False):
     """Prefill `ids`, then `steps` greedy decode steps -> (wall s/step, CPU s/step, logits (steps, B, V))."""
     cache = transformers.DynamicCache(config=model.config) if kind == "DynamicCache" else growing_cache(model.config)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
     x, pos, logits = out.logits[:, -1].argmax(-1, keepdim=True), pos[:, -1:], []
+    profiler = torch.profiler.profile() if profile else contextlib.nullcontext()
     wall, cpu = time.perf_counter(), time.process_time()
-    for _ in range(steps):
-        mask, pos = torch.cat([mask, torch.ones_like(mask[:, :1])], 1), pos + 1
-        out = model(input_ids=x, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
-        x = out.logits[:, -1].argmax(-1, keepdim=True)
-        logits.append(out.logits[:, -1])
+    with profiler:
+        for _ in range(steps):
+            mask, pos = torch.cat([mask, torch.ones_like(mask[:, :1])], 1), pos + 1
+            out = model(input_ids=x, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+            x = out.logits[:, -1].argmax(-1, keepdim=True)
+            logits.append(out.logits[:, -1])
+    if profile:
+        print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
     return (time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps, torch.stack(logits)
 
 
@@ -96,3 +104,5 @@ if __name__ == "__main__":
           f"= {1000 * t_bytes:.0f} ms at that bandwidth, and computes {2 * n_matmul * args.batch / 1e9:.1f} GFLOP = "
           f"{1000 * t_flops:.0f} ms at that rate; measured {1000 * wall:.0f} ms = {(t_bytes + t_flops) / wall:.0%} of "
           f"their sum ({max(t_bytes, t_flops) / wall:.0%} of the larger)")
+    if args.profile:  # a separate run: the profiler slows the steps it records
+        decode(model, "GrowingLayer", ids, mask, args.steps, profile=True)

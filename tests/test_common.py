@@ -58,10 +58,11 @@ def test_prefilled_growing_cache_holds_the_given_layers():
 def test_kv_cache_benchmark_runs():
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_kv_cache.py"), "--model-path", "tiny",
-                          "--batch", "2", "--context", "20", "--steps", "2", "--repeats", "1"],
+                          "--batch", "2", "--context", "20", "--steps", "2", "--repeats", "1", "--profile"],
                          capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "max |logit difference| 0" in out.stdout, out.stdout
+    assert "aten::mm" in out.stdout, out.stdout  # --profile: the operator table
     assert re.search(r"FLOOR: read bandwidth [\d.]+ GB/s .* measured \d+ ms = \d+% of their sum", out.stdout), out.stdout
 
 
