@@ -49,7 +49,10 @@ def run_child(cmd: list) -> int:
         stopped.append(signum)
         child.send_signal(signum)
 
-    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        previous = signal.signal(signal.SIGTERM, forward)
+    except ValueError:  # not the main thread: no handler can be set there, so wait as subprocess.run does
+        return child.wait()
     try:
         code = child.wait()
     finally:
