@@ -435,7 +435,8 @@ if __name__ == "__main__":
     torch.use_deterministic_algorithms(args.torch_deterministic, warn_only=True)
     torch.backends.cudnn.deterministic = args.torch_deterministic
 
-    model_path = resume_dir or {"default": "smolvlm" if vl_task else "smollm2"}.get(args.model_path, args.model_path)
+    init_name = {"default": "smolvlm" if vl_task else "smollm2"}.get(args.model_path, args.model_path)
+    model_path = resume_dir or init_name
     try:
         model, processor = load_model(model_path, vl_task, dtype=getattr(torch, args.dtype))
     except Exception as e:  # noqa: BLE001  (a truncated model.safetensors raises safetensors' own error type)
@@ -482,8 +483,7 @@ if __name__ == "__main__":
 
     # Two parameter groups; the LR scale of each comes from the args, not from the optimizer state (detail #10)
     # a prepared model's tower starts random unless make_models.py's vision stage trained it (config.vision_stage)
-    random_vision = ({"default": "smolvlm"}.get(args.model_path, args.model_path) in ("tiny", *PREPARED)
-                     and not getattr(model.config, "vision_stage", None))
+    random_vision = init_name in ("tiny", *PREPARED) and not getattr(model.config, "vision_stage", None)
     vision_lr = args.vision_lr or (2e-4 if vl_task and random_vision else args.lr)
     text = [p for n, p in model.named_parameters() if p.requires_grad and not is_vision_param(n)]
     vision = [p for n, p in model.named_parameters() if p.requires_grad and is_vision_param(n)]

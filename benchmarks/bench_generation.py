@@ -53,6 +53,13 @@ def matmul_gflops(m: int, k: int, n: int, repeats: int) -> float:
     return 2 * m * k * n * repeats / wall / 1e9
 
 
+def matmul_params(model) -> int:
+    """Parameters that multiply every token: all but the embedding lookup (the lm_head counts, tied or not)."""
+    cfg = model.config.get_text_config()
+    return sum(p.numel() for p in model.parameters()) - cfg.vocab_size * cfg.hidden_size * (
+        0 if cfg.tie_word_embeddings else 1)
+
+
 if __name__ == "__main__":
     bench = tyro.cli(BenchArgs)
     torch.manual_seed(0)
@@ -60,8 +67,7 @@ if __name__ == "__main__":
     model.eval()
     tok = ev.tokenizer_of(processor)
     cfg = model.config.get_text_config()
-    n_matmul = sum(p.numel() for p in model.parameters()) - cfg.vocab_size * cfg.hidden_size * (
-        1 if cfg.tie_word_embeddings else 2) + cfg.vocab_size * cfg.hidden_size  # the lm_head matmul counts, the lookup not
+    n_matmul = matmul_params(model)
     print(f"model {bench.model_path}: {n_matmul / 1e6:.1f}M matmul parameters, {torch.get_num_threads()} threads",
           flush=True)
 

@@ -19,6 +19,7 @@ import transformers
 import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench_generation import matmul_gflops, matmul_params  # noqa: E402
 from common import growing_cache, load_model  # noqa: E402
 
 
@@ -87,13 +88,8 @@ if __name__ == "__main__":
     bandwidth = 3 * big.numel() * 4 / (time.perf_counter() - start)                       # bytes/s
     del big
     cfg = model.config
-    a, b = torch.randn(args.batch, cfg.hidden_size), torch.randn(cfg.hidden_size, cfg.intermediate_size)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(200):
-        a @ b
-    rate = 200 * 2 * a.shape[0] * b.numel() / (time.perf_counter() - start)              # FLOP/s at this batch
-    n_matmul = sum(p.numel() for p in model.parameters())  # the embedding table once: it is the (tied) lm_head
+    rate = 1e9 * matmul_gflops(args.batch, cfg.hidden_size, cfg.intermediate_size, 200)  # FLOP/s at this batch
+    n_matmul = matmul_params(model)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 4 * args.batch * args.context
     weight_bytes = 4 * n_matmul
