@@ -32,9 +32,10 @@ import torch.nn.functional as F
 import transformers
 import tyro
 
-from common import (PREPARED, PrefixCache, check_finite, disable_dropout, fail, fsdp_shard, is_vl, load_model,
-                    load_resume_files, open_run, read_d_init, reduce_metrics, resolve_init_checkpoint, resume_run,
-                    safe_step, save_ppo_checkpoint, setup_distributed, tokenizer_of, unwrap, weights_finite)
+from common import (PREPARED, InverseCDFSampler, PrefixCache, check_finite, disable_dropout, fail, fsdp_shard,
+                    is_vl, load_model, load_resume_files, open_run, read_d_init, reduce_metrics,
+                    resolve_init_checkpoint, resume_run, safe_step, save_ppo_checkpoint, setup_distributed,
+                    tokenizer_of, unwrap, weights_finite)
 from envs import REWARD_FN_VIRL, VIRL_OUTCOMES, NavigationEnv, virl_probes, virl_world_paths
 
 
@@ -177,6 +178,10 @@ class Args:
     logprobs_from_sampling: bool = False
     """take the old log pi(a|s) and V(s) from the sampling pass instead of a second scoring forward (detail #26;
     needs top_p 1 and top_k 0, so that the sampler is exactly pi; not under FSDP)"""
+    inverse_cdf_sampling: bool = True
+    """draw each token by inverse CDF, one uniform per row (the same distribution as generate's torch.multinomial,
+    which draws one exponential per vocabulary entry, at a fraction of its cost; another random stream):
+    --no-inverse-cdf-sampling replays runs made before it (detail #9)"""
     official: tyro.conf.OmitArgPrefixes[Official] = field(default_factory=Official)
     """the official code's quirks (flags without a prefix: --skip-first-tokens, --bf16-logprob-sum, ...)"""
 
@@ -375,7 +380,7 @@ def encode_prompts(processor, observations: list[dict], task: str) -> list[dict]
 
 @torch.no_grad()
 def generate(agent, processor, prompts: list[dict], gen_config, prefix_cache, device, synced_gpus: bool,
-             with_logprobs: bool = False):
+             with_logprobs: bool = False, inverse_cdf: bool = True):
     """One batched sampling call for all episodes (detail #10), through `prefix_cache` (a PrefixCache: text models,
     only the new tokens of each prompt are prefilled) or, when None or for a VL checkpoint (on any task: Mllama's
     cross-attention layers hold no prompt KV, Qwen2-VL keeps M-RoPE state; as in eval.py), a plain left-padded batch.
@@ -383,9 +388,16 @@ def generate(agent, processor, prompts: list[dict], gen_config, prefix_cache, de
     max_new_tokens without an eos and, with_logprobs, the sampled tokens' log-probs (R,) from the sampling logits
     and V(s) from the final hidden state of the last prompt token (detail #26)."""
     tok, policy = tokenizer_of(processor), unwrap(agent).policy
-    gen_config = copy.deepcopy(gen_config)
-    gen_config.update(return_dict_in_generate=True, output_scores=with_logprobs, output_hidden_states=with_logprobs)
+    gen_config, sampler = copy.deepcopy(gen_config), None
+    if gen_config.do_sample and inverse_cdf:  # the same draw from pi, without torch.multinomial's cost (detail #9)
+        if with_logprobs and prefix_cache is not None and prefix_cache.chunk:
+            raise ValueError("log-probs from the inverse-CDF sampler need one generate call (a PrefixCache chunk of 0)")
+        sampler = InverseCDFSampler.swap_in(gen_config)
+    gen_config.update(return_dict_in_generate=True, output_scores=with_logprobs and sampler is None,
+                      output_hidden_states=with_logprobs)
     kwargs = dict(generation_config=gen_config, synced_gpus=synced_gpus)
+    if sampler is not None:
+        kwargs["logits_processor"] = transformers.LogitsProcessorList([sampler])
     if prefix_cache is not None and not is_vl(processor):
         out, width = prefix_cache.generate([p["prompt_ids"] for p in prompts], tok.pad_token_id, tok.eos_token_id,
                                            device, **kwargs)
@@ -395,15 +407,19 @@ def generate(agent, processor, prompts: list[dict], gen_config, prefix_cache, de
         out = policy.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs,
                               **batch["extra"])
         width = batch["input_ids"].shape[1]
-    if with_logprobs:  # scores: the temperature-scaled logits the sampler drew from, (B, T, V)
+    if with_logprobs and sampler is not None:  # the drawn tokens' log-probs, recorded by the sampler
+        token_lp = torch.stack(sampler.logprobs, 1)  # (B, T) fp32
+    elif with_logprobs:  # scores: the temperature-scaled logits the sampler drew from, (B, T, V)
         logp = F.log_softmax(torch.stack(out.scores, 1).float(), dim=-1)
+        token_lp = logp.gather(-1, out.sequences[:, width:, None]).squeeze(-1)  # (B, T)
+    if with_logprobs:
         values = unwrap(agent).value_head(out.hidden_states[0][-1][:, -1])  # (B,) last prompt token
     results = []
     for i, ids in enumerate(out.sequences[:, width:].tolist()):  # (B, <= max_new_tokens)
         n = ids.index(tok.eos_token_id) + 1 if tok.eos_token_id in ids else len(ids)
         results.append(dict(response_ids=ids[:n], truncated=n == len(ids) and ids[-1] != tok.eos_token_id))
         if with_logprobs:
-            results[-1]["token_logprobs"] = logp[i, torch.arange(n), torch.tensor(ids[:n])]  # (n,) fp32
+            results[-1]["token_logprobs"] = token_lp[i, :n]  # (n,) fp32
             results[-1]["value"] = values[i].float()
     return results
 
@@ -748,7 +764,8 @@ if __name__ == "__main__":
             dones[step] = next_done
             # 1a. one batched generate for all episode slots
             prompts = encode_prompts(processor, next_obs, args.task)
-            responses = generate(agent, processor, prompts, gen_config, prefix_cache, device, fsdp, sampled_lp)
+            responses = generate(agent, processor, prompts, gen_config, prefix_cache, device, fsdp, sampled_lp,
+                                 args.inverse_cdf_sampling)
             step_samples = []
             for p, r in zip(prompts, responses):
                 cot, answer = action_masks(tokenizer, r["response_ids"], ANSWER_KEY, args.official.skip_first_tokens,

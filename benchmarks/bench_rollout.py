@@ -7,7 +7,10 @@ Rollout schemes on the same multi-turn GP-L episodes (same sampling settings and
   kv        the default now: PrefixCache keeps each episode's KV cache between turns (only the feedback and the
             next prompt are prefilled), then the batched log-prob/value forward;
   kv+lp     kv with --logprobs-from-sampling: log-probs and values from the sampling pass, no second forward;
-  .../cN    with --gen-chunk N: rows still unfinished after N new tokens go on alone (e.g. kv+lp/c32).
+  .../cN    with --gen-chunk N: rows still unfinished after N new tokens go on alone (e.g. kv+lp/c32);
+  .../mn    kv schemes: draw with generate's torch.multinomial (--no-inverse-cdf-sampling) instead of the scripts'
+            default InverseCDFSampler; .../icdf: batch-1 and before draw with InverseCDFSampler instead of
+            torch.multinomial (the official code and the previous rollout used multinomial).
 Then the PPO update tokens/s next to a bare forward + backward + Adam loop on the same micro-batches.
 
     python benchmarks/bench_rollout.py --model-path runs/sft-gp-l-default/final --num-envs 8 --turns 2
@@ -48,10 +51,14 @@ class BenchArgs:
 
 
 @torch.no_grad()
-def generate_before(agent, processor, prompts: list[dict], gen_config) -> list[dict]:
+def generate_before(agent, processor, prompts: list[dict], gen_config, inverse_cdf: bool = False) -> list[dict]:
     """The batched generate of ppo_generalpoints.py before KV reuse (commit 5d29c63): the prefix common to all
-    prompts of the turn is prefilled once and its cache repeated over the batch; the rest is prefilled every turn."""
+    prompts of the turn is prefilled once and its cache repeated over the batch; the rest is prefilled every turn.
+    inverse_cdf: draw with common.InverseCDFSampler instead of torch.multinomial."""
     tok, policy = ppo.tokenizer_of(processor), agent.policy
+    gen_config, kwargs = ppo.copy.deepcopy(gen_config), {}
+    if inverse_cdf:
+        kwargs["logits_processor"] = [ppo.InverseCDFSampler.swap_in(gen_config)]
     ids = [p["prompt_ids"] for p in prompts]
     L = 0
     while all(len(x) > L + 1 and x[L] == ids[0][L] for x in ids):
@@ -71,7 +78,7 @@ def generate_before(agent, processor, prompts: list[dict], gen_config) -> list[d
                             tok.pad_token_id, "cpu")
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     sequences = policy.generate(input_ids=input_ids, attention_mask=attention_mask, cache=cache,
-                                generation_config=gen_config)
+                                generation_config=gen_config, **kwargs)
     out = []
     for x in sequences[:, input_ids.shape[1]:].tolist():
         n = x.index(tok.eos_token_id) + 1 if tok.eos_token_id in x else len(x)
@@ -87,7 +94,9 @@ def rollout(agent, processor, args, envs, scheme: str, turns: int) -> tuple:
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     lp = dict(temperature=args.temperature, thought_prob_coef=args.thought_prob_coef)
     obs = [env.reset(seed=i)[0] for i, env in enumerate(envs)]
-    scheme, _, chunk = scheme.partition("/c")  # kv+lp/c32: --gen-chunk 32
+    scheme, *options = scheme.split("/")  # kv+lp/c32: --gen-chunk 32; /mn, /icdf: the sampler
+    chunk = next((o[1:] for o in options if o.startswith("c")), 0)
+    inverse_cdf = "icdf" in options if scheme in ("batch-1", "before") else "mn" not in options
     prefix_cache = ppo.PrefixCache(agent.policy, int(chunk or 0)) if scheme.startswith("kv") else None
     samples, start, cpu_start = [], time.time(), time.process_time()
     groups = [[i] for i in range(len(envs))] if scheme == "batch-1" else [list(range(len(envs)))]
@@ -95,10 +104,10 @@ def rollout(agent, processor, args, envs, scheme: str, turns: int) -> tuple:
         for group in groups:
             prompts = ppo.encode_prompts(processor, [obs[i] for i in group], "gp-l")
             if scheme in ("batch-1", "before"):
-                responses = generate_before(agent, processor, prompts, gen_config)
+                responses = generate_before(agent, processor, prompts, gen_config, inverse_cdf)
             else:
                 responses = ppo.generate(agent, processor, prompts, gen_config, prefix_cache, "cpu", False,
-                                         with_logprobs=scheme == "kv+lp")
+                                         with_logprobs=scheme == "kv+lp", inverse_cdf=inverse_cdf)
             batch = []
             for p, r in zip(prompts, responses):
                 cot, answer = ppo.action_masks(tok, r["response_ids"], ppo.ANSWER_KEY, 2)
@@ -126,8 +135,8 @@ if __name__ == "__main__":
     rates, samples = {}, []
     for name in bench.schemes:
         scheme, _, size = name.partition("@")
-        n, turns = map(int, size.split("x")) if size else (bench.batch1_envs if scheme == "batch-1" else bench.num_envs,
-                                                           bench.turns)
+        n, turns = map(int, size.split("x")) if size else (
+            bench.batch1_envs if scheme.startswith("batch-1") else bench.num_envs, bench.turns)
         torch.manual_seed(bench.seed)
         steps, wall, cpu, got = rollout(agent, processor, args, [ppo.make_env(args, None) for _ in range(n)], scheme,
                                         turns)

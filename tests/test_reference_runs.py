@@ -23,7 +23,7 @@ RENAMED = {"compute/tokens_rl": "compute/tokens_trained", "compute/tokens_buffer
            "charts/tokens": "compute/tokens_trained", "charts/flops": "compute/flops"}
 COMMON = ["--seed", "3", "--model-path", "tiny"]
 PPO = [*COMMON, "--num-envs", "2", "--num-steps", "2", "--num-updates", "2", "--micro-batch-size", "2",
-       "--max-new-tokens", "12", "--eval-every", "2", "--eval-episodes", "2"]
+       "--max-new-tokens", "12", "--eval-every", "2", "--eval-episodes", "2", "--no-inverse-cdf-sampling"]
 TRAINING = {
     "sft.jsonl": ["sft.py", "--task", "gp-l", *COMMON, "--total-steps", "4", "--micro-batch-size", "2",
                   "--gradient-accumulation-steps", "1", "--eval-every", "2", "--eval-episodes", "2",
