@@ -200,6 +200,9 @@ class InverseCDFSampler(transformers.LogitsProcessor):
         self.warpers, self.logprobs, self.buffers = transformers.LogitsProcessorList(warpers), [], None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.logprobs and len(self.logprobs[0]) != len(scores):  # e.g. a PrefixCache chunk: rows went on alone
+            raise ValueError("an InverseCDFSampler records the log-probs of one generate() call over a fixed batch; "
+                             f"it got {len(scores)} rows after {len(self.logprobs[0])}")
         x = self.warpers(input_ids, scores)                                    # (B, V) fp32, -inf where cut
         if self.buffers is None or self.buffers[0].shape != x.shape:  # kept: fresh 6-12 MB tensors at every step
             self.buffers = (torch.empty_like(x), torch.empty_like(x, dtype=torch.float64))  # cost page faults

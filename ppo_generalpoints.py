@@ -145,9 +145,7 @@ class Args:
     """take the old log pi(a|s) and V(s) from the sampling pass instead of a second scoring forward (detail #26;
     needs top_p 1 and top_k 0, so that the sampler is exactly pi; not under FSDP)"""
     inverse_cdf_sampling: bool = True
-    """draw each token by inverse CDF, one uniform per row (the same distribution as generate's torch.multinomial,
-    which draws one exponential per vocabulary entry, at a fraction of its cost; another random stream):
-    --no-inverse-cdf-sampling replays runs made before it (detail #9)"""
+    """draw tokens by inverse CDF: torch.multinomial's distribution, cheaper, another random stream (detail #9)"""
     official: tyro.conf.OmitArgPrefixes[Official] = field(default_factory=Official)
     """the official code's quirks (flags without a prefix: --skip-first-tokens, --bf16-logprob-sum, ...)"""
 
@@ -356,14 +354,10 @@ def generate(agent, processor, prompts: list[dict], gen_config, prefix_cache, de
     tok, policy = tokenizer_of(processor), unwrap(agent).policy
     gen_config, sampler = copy.deepcopy(gen_config), None
     if gen_config.do_sample and inverse_cdf:  # the same draw from pi, without torch.multinomial's cost (detail #9)
-        if with_logprobs and prefix_cache is not None and prefix_cache.chunk:
-            raise ValueError("log-probs from the inverse-CDF sampler need one generate call (a PrefixCache chunk of 0)")
         sampler = InverseCDFSampler.swap_in(gen_config)
     gen_config.update(return_dict_in_generate=True, output_scores=with_logprobs and sampler is None,
                       output_hidden_states=with_logprobs)
-    kwargs = dict(generation_config=gen_config, synced_gpus=synced_gpus)
-    if sampler is not None:
-        kwargs["logits_processor"] = transformers.LogitsProcessorList([sampler])
+    kwargs = dict(generation_config=gen_config, synced_gpus=synced_gpus, logits_processor=sampler and [sampler])
     if prefix_cache is not None and not is_vl(processor):
         out, width = prefix_cache.generate([p["prompt_ids"] for p in prompts], tok.pad_token_id, tok.eos_token_id,
                                            device, **kwargs)
@@ -373,20 +367,16 @@ def generate(agent, processor, prompts: list[dict], gen_config, prefix_cache, de
         out = policy.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs,
                               **batch["extra"])
         width = batch["input_ids"].shape[1]
-    if with_logprobs and sampler is not None:  # the drawn tokens' log-probs, recorded by the sampler
-        token_lp = torch.stack(sampler.logprobs, 1)  # (B, T) fp32
-    elif with_logprobs:  # scores: the temperature-scaled logits the sampler drew from, (B, T, V)
-        logp = F.log_softmax(torch.stack(out.scores, 1).float(), dim=-1)
-        token_lp = logp.gather(-1, out.sequences[:, width:, None]).squeeze(-1)  # (B, T)
-    if with_logprobs:
+    if with_logprobs:  # the drawn tokens' log-probs (B, T) fp32, recorded by the sampler or from multinomial's scores
+        logp = None if sampler else F.log_softmax(torch.stack(out.scores, 1).float(), dim=-1)  # (B, T, V)
+        lp = torch.stack(sampler.logprobs, 1) if sampler else logp.gather(-1, out.sequences[:, width:, None])[..., 0]
         values = unwrap(agent).value_head(out.hidden_states[0][-1][:, -1])  # (B,) last prompt token
     results = []
     for i, ids in enumerate(out.sequences[:, width:].tolist()):  # (B, <= max_new_tokens)
         n = ids.index(tok.eos_token_id) + 1 if tok.eos_token_id in ids else len(ids)
         results.append(dict(response_ids=ids[:n], truncated=n == len(ids) and ids[-1] != tok.eos_token_id))
         if with_logprobs:
-            results[-1]["token_logprobs"] = token_lp[i, :n]  # (n,) fp32
-            results[-1]["value"] = values[i].float()
+            results[-1].update(token_logprobs=lp[i, :n], value=values[i].float())  # (n,) fp32, ()
     return results
 
 
@@ -446,8 +436,7 @@ def make_env(args: Args, seed: Optional[int], **overrides) -> GeneralPointsEnv:
     kwargs = dict(treat_face_cards_as_10=True, ood=False, verify_iter=args.verify_iter, feedback=args.feedback,
                   language_only=args.task == "gp-l", face_cards_color="mixed" if args.task == "gp-l" else "black",
                   image_size=args.image_size, split="seen", seed=seed)
-    kwargs.update(overrides)
-    return GeneralPointsEnv(**kwargs)
+    return GeneralPointsEnv(**{**kwargs, **overrides})
 
 
 def eval_splits(args: Args) -> dict:
@@ -477,8 +466,7 @@ def evaluate(agent, processor, args: Args, gen_config, device, rank: int, world_
                 dist.all_reduce(any_active)
             if any_active.item() == 0:
                 break
-            # under FSDP every rank must call generate the same number of times: an idle rank generates a dummy;
-            # each split starts a new PrefixCache (episodes of one split share prompt prefixes)
+            # FSDP: every rank calls generate equally often (an idle rank generates a dummy); a PrefixCache per split
             prompts = encode_prompts(processor, [obs[i] for i in (idx or [0])], args.task) if envs else []
             if not prompts:
                 continue

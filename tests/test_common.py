@@ -83,6 +83,8 @@ def test_inverse_cdf_sampler_draws_what_generate_would(kwargs):
     assert ((freq - p).abs() <= 5 * (p * (1 - p) / len(drawn)).sqrt()).all(), (freq, p)
     assert torch.allclose(sampler.logprobs[0], p.log()[drawn], atol=1e-5)
     assert (scores.gather(1, drawn[:, None]) == 0).all() and torch.isinf(scores).sum() == scores.numel() - len(drawn)
+    with pytest.raises(ValueError, match="one generate.. call over a fixed batch"):  # rows left: log-probs misalign
+        sampler(None, logits.expand(3, -1).clone())
 
 
 def test_kv_cache_benchmark_runs():
