@@ -186,8 +186,8 @@ class InverseCDFSampler(transformers.LogitsProcessor):
     """generate(do_sample=True)'s draw, done by a logits processor of a generate(do_sample=False) call: the same
     warpers (temperature, top-k, top-p, in generate's order), then one uniform per row against the fp64 cumulative sum
     of the probabilities; it returns scores whose argmax is the drawn token, which greedy selection then takes.
-    torch.multinomial draws one exponential per vocabulary entry instead, single-threaded: 33 ms of a ~190 ms
-    batch-32 SmolLM2 decode step on this CPU, against ~4 ms here (docs/ppo_generalpoints.md, detail #9). The same
+    torch.multinomial draws one exponential per vocabulary entry instead, single-threaded: 33 ms of a ~200 ms
+    batch-32 SmolLM2 decode step on this CPU, against ~10 ms here (docs/ppo_generalpoints.md, detail #9). The same
     distribution, another random stream, but for tokens less likely than e^-87 (1.6e-38) times the top one: they
     get 0 (together < 1e-33 of the mass), because exp() of a number below -87 underflows fp32 and this CPU's
     vectorised exp then runs ~25x slower (14 of the 20 ms the draw took at temperature 0.2 before the clamp).

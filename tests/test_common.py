@@ -68,7 +68,7 @@ def warped_softmax(logits: torch.Tensor, temperature: float, top_k: int = 0, top
 
 
 @pytest.mark.parametrize("kwargs", [dict(temperature=0.7), dict(temperature=1.0, top_k=2),
-                                    dict(temperature=1.3, top_p=0.8)])
+                                    dict(temperature=1.3, top_p=0.8), dict(temperature=0.2)])  # 0.2: exp clamped
 def test_inverse_cdf_sampler_draws_what_generate_would(kwargs):
     """InverseCDFSampler (detail #9): token frequencies of 100k draws within 5 standard errors of the warped softmax,
     tokens outside top-k / top-p never drawn, the recorded log-probs those of the drawn tokens, and the returned scores
@@ -85,6 +85,20 @@ def test_inverse_cdf_sampler_draws_what_generate_would(kwargs):
     assert (scores.gather(1, drawn[:, None]) == 0).all() and torch.isinf(scores).sum() == scores.numel() - len(drawn)
     with pytest.raises(ValueError, match="one generate.. call over a fixed batch"):  # rows left: log-probs misalign
         sampler(None, logits.expand(3, -1).clone())
+
+
+def test_rollout_benchmark_runs():
+    """bench_rollout.py on the tiny model, every kind of scheme (the official batch-1 loop with either sampler, KV
+    reuse with and without the sampling-pass log-probs): ratios, the log-prob check and the update line."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_rollout.py"), "--model-path", "tiny",
+                          "--num-envs", "3", "--batch1-envs", "1", "--turns", "2", "--max-new-tokens", "8",
+                          "--schemes", "batch-1", "batch-1/icdf", "kv", "kv+lp", "kv+lp/mn", "--update-samples", "2",
+                          "--micro-batch-size", "1"], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert len(re.findall(r"^ROLLOUT ratio kv", out.stdout, re.M)) == 6, out.stdout
+    worst = float(re.search(r"per action log pi ([\d.e+-]+)", out.stdout)[1])
+    assert worst < 1e-3 and "UPDATE ratio PPO / bare" in out.stdout, out.stdout
 
 
 def test_kv_cache_benchmark_runs():
