@@ -189,18 +189,24 @@ class InverseCDFSampler(transformers.LogitsProcessor):
     torch.multinomial draws one exponential per vocabulary entry instead, single-threaded: 33 ms of a ~200 ms
     batch-32 SmolLM2 decode step on this CPU, against ~10 ms here (docs/ppo_generalpoints.md, detail #9). The same
     distribution, another random stream, but for tokens less likely than e^-87 (1.6e-38) times the top one: they
-    get 0 (together < 1e-33 of the mass), because exp() of a number below -87 underflows fp32 and this CPU's
+    get 0 (together < V * 1.6e-38 of the mass), because exp() of a number below -87 underflows fp32 and this CPU's
     vectorised exp then runs ~25x slower (14 of the 20 ms the draw took at temperature 0.2 before the clamp).
-    `logprobs`: per step, the drawn tokens' log-probs under the warped distribution, (B,) fp32."""
+    `logprobs` (record=True): per step, the drawn tokens' log-probs under the warped distribution, (B,) fp32; they
+    need one generate() call over a fixed batch (a PrefixCache without chunks)."""
+    UNSUPPORTED = dict(min_p=lambda v: v is not None, typical_p=lambda v: v is not None and v < 1.0,
+                       epsilon_cutoff=lambda v: v is not None and 0.0 < v < 1.0,
+                       eta_cutoff=lambda v: v is not None and 0.0 < v < 1.0, top_h=lambda v: v is not None)
 
-    def __init__(self, temperature: float, top_k: Optional[int] = None, top_p: Optional[float] = None):
+    def __init__(self, temperature: float, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                 record: bool = True):
         warpers = [transformers.TemperatureLogitsWarper(temperature)] if temperature not in (None, 1.0) else []
         warpers += [transformers.TopKLogitsWarper(top_k)] if top_k else []
         warpers += [transformers.TopPLogitsWarper(top_p)] if top_p is not None and top_p < 1.0 else []
-        self.warpers, self.logprobs, self.buffers = transformers.LogitsProcessorList(warpers), [], None
+        self.warpers, self.record = transformers.LogitsProcessorList(warpers), record
+        self.logprobs, self.buffers = [], None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.logprobs and len(self.logprobs[0]) != len(scores):  # e.g. a PrefixCache chunk: rows went on alone
+        if self.record and self.logprobs and len(self.logprobs[0]) != len(scores):  # a PrefixCache chunk: rows left
             raise ValueError("an InverseCDFSampler records the log-probs of one generate() call over a fixed batch; "
                              f"it got {len(scores)} rows after {len(self.logprobs[0])}")
         x = self.warpers(input_ids, scores)                                    # (B, V) fp32, -inf where cut
@@ -212,16 +218,25 @@ class InverseCDFSampler(transformers.LogitsProcessor):
         negligible = p < -87.0                          # (B, V) below e^-87 of the top token, cut ones too: p = 0
         p.clamp_(min=-87.0).exp_().masked_fill_(negligible, 0.0)               # (B, V) unnormalised probabilities
         torch.cumsum(p, -1, dtype=torch.float64, out=cdf)                      # (B, V) fp64: no token lost to rounding
-        u = torch.rand(len(cdf), 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]  # (B, 1) uniform on [0, sum)
-        token = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)  # (B, 1): cdf[t-1] <= u < cdf[t]
-        self.logprobs.append((x.gather(1, token) - m - cdf[:, -1:].log().float()).squeeze(1))  # (B,) log softmax
+        if not torch.isfinite(cdf[:, -1]).all():  # as torch.multinomial: a NaN or all--inf row is an error
+            raise ValueError("probability tensor contains either inf, nan or element < 0 (non-finite logits)")
+        u = (1 - torch.rand(len(cdf), 1, dtype=cdf.dtype, device=cdf.device)) * cdf[:, -1:]  # (B, 1) in (0, sum]
+        token = torch.searchsorted(cdf, u)                                     # (B, 1): cdf[t-1] < u <= cdf[t], p_t > 0
+        if self.record:
+            self.logprobs.append((x.gather(1, token) - m - cdf[:, -1:].log().float()).squeeze(1))  # (B,) log softmax
         return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
 
-    @staticmethod
-    def swap_in(gen_config: transformers.GenerationConfig) -> "InverseCDFSampler":
+    @classmethod
+    def swap_in(cls, gen_config: transformers.GenerationConfig, model_defaults=None, record: bool = True):
         """Turn a sampling GenerationConfig greedy, in place, and return the sampler that draws instead: pass both to
-        generate() (logits_processor=[sampler])."""
-        sampler = InverseCDFSampler(gen_config.temperature, gen_config.top_k, gen_config.top_p)
+        generate() (logits_processor=[sampler]). model_defaults: the model's generation_config, whose warpers
+        generate() would add to a sampling call: one this sampler does not apply is an error."""
+        for config in (gen_config, model_defaults):
+            for name, active in cls.UNSUPPORTED.items():
+                if config is not None and active(getattr(config, name, None)):
+                    raise ValueError(f"the inverse-CDF sampler does not apply {name}={getattr(config, name)} (from "
+                                     "the generation config); draw with torch.multinomial (--no-inverse-cdf-sampling)")
+        sampler = cls(gen_config.temperature, gen_config.top_k, gen_config.top_p, record)
         gen_config.update(do_sample=False, temperature=None, top_k=None, top_p=None)
         return sampler
 
@@ -583,6 +598,8 @@ def resume_run(args, argv: list, rank: int, world_size: int, check_args) -> tupl
         for key, value in {**state["args"], **keep}.items():  # the run continues with its own arguments
             nested = getattr(args, key, None)  # a nested dataclass (Official) is stored as a dict
             setattr(args, key, type(nested)(**value) if is_dataclass(nested) and isinstance(value, dict) else value)
+        if hasattr(args, "inverse_cdf_sampling") and "inverse_cdf_sampling" not in state["args"]:
+            args.inverse_cdf_sampling = False  # a run made before the sampler goes on drawing with torch.multinomial
         resumed_update = int(state["step"])
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         fail(f"--resume {args.resume}: its trainer_state.json is unreadable ({type(e).__name__}: {e})")

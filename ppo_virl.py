@@ -388,7 +388,7 @@ def generate(agent, processor, prompts: list[dict], gen_config, prefix_cache, de
     tok, policy = tokenizer_of(processor), unwrap(agent).policy
     gen_config, sampler = copy.deepcopy(gen_config), None
     if gen_config.do_sample and inverse_cdf:  # the same draw from pi, without torch.multinomial's cost (detail #9)
-        sampler = InverseCDFSampler.swap_in(gen_config)
+        sampler = InverseCDFSampler.swap_in(gen_config, policy.generation_config, record=with_logprobs)
     gen_config.update(return_dict_in_generate=True, output_scores=with_logprobs and sampler is None,
                       output_hidden_states=with_logprobs)
     kwargs = dict(generation_config=gen_config, synced_gpus=synced_gpus, logits_processor=sampler and [sampler])

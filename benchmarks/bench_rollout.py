@@ -7,7 +7,8 @@ Rollout schemes on the same multi-turn GP-L episodes (same sampling settings and
   kv        the default now: PrefixCache keeps each episode's KV cache between turns (only the feedback and the
             next prompt are prefilled), then the batched log-prob/value forward;
   kv+lp     kv with --logprobs-from-sampling: log-probs and values from the sampling pass, no second forward;
-  .../cN    with --gen-chunk N: rows still unfinished after N new tokens go on alone (e.g. kv+lp/c32);
+  .../cN    with --gen-chunk N: rows still unfinished after N new tokens go on alone (e.g. kv+lp/c32; kv+lp/cN
+            draws with torch.multinomial, since the InverseCDFSampler's log-probs need one generate call);
   .../mn    kv schemes: draw with generate's torch.multinomial (--no-inverse-cdf-sampling) instead of the scripts'
             default InverseCDFSampler; .../icdf: batch-1 and before draw with InverseCDFSampler instead of
             torch.multinomial (the official code and the previous rollout used multinomial).
@@ -97,6 +98,7 @@ def rollout(agent, processor, args, envs, scheme: str, turns: int) -> tuple:
     scheme, *options = scheme.split("/")  # kv+lp/c32: --gen-chunk 32; /mn, /icdf: the sampler
     chunk = next((o[1:] for o in options if o.startswith("c")), 0)
     inverse_cdf = "icdf" in options if scheme in ("batch-1", "before") else "mn" not in options
+    inverse_cdf = inverse_cdf and not (chunk and scheme == "kv+lp")  # its log-probs need one call: multinomial
     prefix_cache = ppo.PrefixCache(agent.policy, int(chunk or 0)) if scheme.startswith("kv") else None
     samples, start, cpu_start = [], time.time(), time.process_time()
     groups = [[i] for i in range(len(envs))] if scheme == "batch-1" else [list(range(len(envs)))]

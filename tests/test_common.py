@@ -1,6 +1,7 @@
 """common.GrowingLayer: the KV cache that writes new tokens into spare room must give the logits of HF's
 DynamicCache exactly, across a buffer regrowth, and keep the right rows when a batch is reordered or cut; a SIGTERM
 to a script that builds a model or its SFT init stops the child build too (common.run_child)."""
+import json
 import os
 import re
 import signal
@@ -70,21 +71,51 @@ def warped_softmax(logits: torch.Tensor, temperature: float, top_k: int = 0, top
 @pytest.mark.parametrize("kwargs", [dict(temperature=0.7), dict(temperature=1.0, top_k=2),
                                     dict(temperature=1.3, top_p=0.8), dict(temperature=0.2)])  # 0.2: exp clamped
 def test_inverse_cdf_sampler_draws_what_generate_would(kwargs):
-    """InverseCDFSampler (detail #9): token frequencies of 100k draws within 5 standard errors of the warped softmax,
-    tokens outside top-k / top-p never drawn, the recorded log-probs those of the drawn tokens, and the returned scores
-    make greedy selection take the draw."""
+    """InverseCDFSampler (detail #9): two different rows interleaved, 50k draws each; each row's token frequencies
+    within 5 standard errors of its warped softmax, tokens outside top-k / top-p never drawn, the recorded log-probs
+    those of the drawn tokens, and the returned scores make greedy selection take the draw."""
     torch.manual_seed(0)
-    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, 3.0, -20.0])
+    rows = torch.tensor([[2.0, 1.0, 0.0, -1.0, 3.0, -20.0], [-1.0, 0.5, 2.5, 0.0, -3.0, 1.0]])
     sampler = common.InverseCDFSampler(**kwargs)
-    scores = sampler(None, logits.expand(100_000, -1).clone())  # (N, V)
+    logits = rows.repeat(50_000, 1)  # (N, V): row 0, row 1, row 0, ...
+    scores = sampler(None, logits.clone())  # (N, V)
     drawn = scores.argmax(-1)  # (N,)
-    p = warped_softmax(logits, **kwargs)
-    freq = torch.bincount(drawn, minlength=len(logits)) / len(drawn)
-    assert ((freq - p).abs() <= 5 * (p * (1 - p) / len(drawn)).sqrt()).all(), (freq, p)
-    assert torch.allclose(sampler.logprobs[0], p.log()[drawn], atol=1e-5)
+    for r, row in enumerate(rows):
+        p, got = warped_softmax(row, **kwargs), drawn[r::2]
+        freq = torch.bincount(got, minlength=len(row)) / len(got)
+        assert ((freq - p).abs() <= 5 * (p * (1 - p) / len(got)).sqrt()).all(), (r, freq, p)
+        assert torch.allclose(sampler.logprobs[0][r::2], p.log()[got], atol=1e-5)
     assert (scores.gather(1, drawn[:, None]) == 0).all() and torch.isinf(scores).sum() == scores.numel() - len(drawn)
     with pytest.raises(ValueError, match="one generate.. call over a fixed batch"):  # rows left: log-probs misalign
-        sampler(None, logits.expand(3, -1).clone())
+        sampler(None, logits[:3].clone())
+
+
+def test_inverse_cdf_sampler_refuses_what_it_cannot_draw_from():
+    """Non-finite logits raise as torch.multinomial does; a warper the sampler does not apply (min_p, typical_p, ...,
+    set in the generation config or the model's) is an error, not a silently different distribution."""
+    with pytest.raises(ValueError, match="inf, nan"):
+        common.InverseCDFSampler(1.0)(None, torch.tensor([[0.0, float("nan")], [0.0, 1.0]]))
+    with pytest.raises(ValueError, match="inf, nan"):
+        common.InverseCDFSampler(1.0)(None, torch.full((1, 3), float("-inf")))
+    sampling = transformers.GenerationConfig(do_sample=True, temperature=0.5, top_k=0, top_p=1.0)
+    with pytest.raises(ValueError, match="min_p=0.1"):
+        common.InverseCDFSampler.swap_in(sampling, transformers.GenerationConfig(min_p=0.1))
+    sampler = common.InverseCDFSampler.swap_in(sampling, transformers.GenerationConfig(typical_p=1.0))
+    assert not sampling.do_sample and sampling.temperature is None and len(sampler.warpers) == 1
+
+
+@pytest.mark.parametrize("stored", [{}, {"inverse_cdf_sampling": True}])
+def test_a_run_made_before_the_sampler_resumes_with_multinomial(stored, tmp_path):
+    """--resume of a run whose stored arguments predate --inverse-cdf-sampling keeps drawing with torch.multinomial
+    (its random stream); a run that stored the flag keeps its value."""
+    sys.path.insert(0, ROOT)
+    import ppo_generalpoints as ppo
+    ckpt = tmp_path / "run" / "checkpoints" / "update_0001"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 1, "args": {"num_updates": 3, **stored}}))
+    args = ppo.Args(resume=str(ckpt))
+    common.resume_run(args, ["--resume", str(ckpt)], 0, 1, lambda a: None)
+    assert args.inverse_cdf_sampling is stored.get("inverse_cdf_sampling", False) and args.num_updates == 3
 
 
 def test_rollout_benchmark_runs():
@@ -93,10 +124,11 @@ def test_rollout_benchmark_runs():
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_rollout.py"), "--model-path", "tiny",
                           "--num-envs", "3", "--batch1-envs", "1", "--turns", "2", "--max-new-tokens", "8",
-                          "--schemes", "batch-1", "batch-1/icdf", "kv", "kv+lp", "kv+lp/mn", "--update-samples", "2",
+                          "--schemes", "batch-1", "batch-1/icdf", "kv", "kv+lp", "kv+lp/mn", "kv/c2", "kv+lp/c2",
+                          "--update-samples", "2",
                           "--micro-batch-size", "1"], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert len(re.findall(r"^ROLLOUT ratio kv", out.stdout, re.M)) == 6, out.stdout
+    assert len(re.findall(r"^ROLLOUT ratio kv", out.stdout, re.M)) == 10, out.stdout
     worst = float(re.search(r"per action log pi ([\d.e+-]+)", out.stdout)[1])
     assert worst < 1e-3 and "UPDATE ratio PPO / bare" in out.stdout, out.stdout
 
