@@ -470,6 +470,7 @@ def safe_step(env, text: str, error_reward: float):
 
 # run identity and resume (detail #29)
 RESUME_KEEPS = ("resume", "num_updates", "save_every", "eval_every", "track")  # what --resume takes from the CLI
+ADDED_LATER = {"inverse_cdf_sampling": False}  # arguments a stored run may predate -> the behaviour it had then
 
 
 def resume_flags(argv: list) -> tuple:
@@ -595,11 +596,10 @@ def resume_run(args, argv: list, rank: int, world_size: int, check_args) -> tupl
     try:
         state = json.load(open(os.path.join(args.resume, "trainer_state.json")))
         keep = {k: getattr(args, k) for k in applied}  # only what the command line gives
-        for key, value in {**state["args"], **keep}.items():  # the run continues with its own arguments
+        predates = {k: v for k, v in ADDED_LATER.items() if hasattr(args, k) and k not in state["args"]}
+        for key, value in {**predates, **state["args"], **keep}.items():  # the run continues with its own arguments
             nested = getattr(args, key, None)  # a nested dataclass (Official) is stored as a dict
             setattr(args, key, type(nested)(**value) if is_dataclass(nested) and isinstance(value, dict) else value)
-        if hasattr(args, "inverse_cdf_sampling") and "inverse_cdf_sampling" not in state["args"]:
-            args.inverse_cdf_sampling = False  # a run made before the sampler goes on drawing with torch.multinomial
         resumed_update = int(state["step"])
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         fail(f"--resume {args.resume}: its trainer_state.json is unreadable ({type(e).__name__}: {e})")
