@@ -892,7 +892,7 @@ def virl_load_panorama(panorama_dir, pano_id: str):
 
 VIRL_VLN_MINI_SKINS = ["milan", "new_delhi", "buenos_aires", "london", "hong_kong", "nyc", "melbourne", "lagos",
                        "san_francisco"]  # the city skins of the generated worlds (make_virl_world.py), VLN-mini order
-VIRL_WORLD_VERSION = 1  # of the worlds make_virl_world.py writes: part of their folder name and random streams
+VIRL_WORLD_VERSION = 2  # of the worlds make_virl_world.py writes, in their folder name; v2: logo signs (same cities)
 
 
 def virl_world_files(folder) -> dict:
@@ -1167,7 +1167,8 @@ def virl_probes(response_text: str, gt_action: str, absolute_action: bool = True
 # ---- Describing an image: the targets of the vision pre-training stage (make_models.py) and the recognition probe
 # (eval.py's describe-* settings). Not the official prompts: the official tasks never ask for a description.
 GP_DESCRIBE_PROMPT = "What cards are shown, from left to right?"
-VIRL_DESCRIBE_PROMPT = "Which landmark signs can you read in the street view grid?"
+VIRL_DESCRIBE_PROMPT = ("Which landmark signs can you read in the street view grid? Answer with their names only, "
+                        f"separated by semicolons, or '{VIRL_NO_LANDMARK_RAIL}'.")
 SUIT_NAMES = {"H": "hearts", "D": "diamonds", "S": "spades", "C": "clubs"}
 _CARD_RE = re.compile(r"\b(A|[2-9]|10|J|Q|K) of (hearts|diamonds|spades|clubs)\b")
 

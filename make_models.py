@@ -40,7 +40,7 @@ from envs import (CARD_RANK_AT, CARD_SUIT_AT, GP_DESCRIBE_PROMPT, SUIT_NAMES, SU
 CACHE_DIR = os.environ.get("SFTVSRL_CACHE", os.path.expanduser("~/.cache/sftvsrl"))
 # the directory names the scripts look for (their `PREPARED` table); bump a suffix when a recipe changes
 DIRS = {"smollm2": "smollm2-135m-instruct", "smolvlm-blind": "smolvlm-smollm2-135m-256px-v2",
-        "smolvlm": "smolvlm-smollm2-135m-256px-v3-seeing", "smolvlm-id": "smolvlm-smollm2-135m-256px-v3-seeing-id",
+        "smolvlm": "smolvlm-smollm2-135m-256px-v4-seeing", "smolvlm-id": "smolvlm-smollm2-135m-256px-v4-seeing-id",
         "tiny-lm": "tiny-lm-v1", "tiny-vl": "tiny-vl-v1", "tiny-vl-seeing": "tiny-vl-seeing-v1",
         "tiny-mllama": "tiny-mllama-v1", "tiny-qwen2vl": "tiny-qwen2vl-v1", "tiny-llava": "tiny-llava-v1"}
 IMAGE_SPECIAL_TOKENS = ["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]
@@ -152,19 +152,22 @@ def build_smolvlm(image_px: int = 256):
 # connector train on fresh images from the environments' own renderers, with describing targets, in two parts
 # (docs/models.md, "The vision pre-training stage"):
 #   A. word targets: the image token over a card's rank (its suit) is pushed onto the input embedding of the rank's
-#      (the suit's) first token, a street sign's two image tokens onto its two lines' first tokens: cross-entropy
-#      over the frozen embedding matrix plus an MSE to the target row. No text-tower pass, so an image costs ~1/3 of
-#      B; the tower learns to see, and the connector to write what it sees in the text tower's input language
-#      (targets at the tokens in reading order instead: 18 % word accuracy after 70 steps against 100 %);
+#      (the suit's) first token, the tokens over a street sign's pictogram and monogram onto its category's and
+#      stem's first tokens: cross-entropy over the frozen embedding matrix plus an MSE to the target row. No
+#      text-tower pass, so an image costs ~1/3 of B; the tower learns to see, and the connector to write what it
+#      sees in the text tower's input language (targets at the tokens in reading order instead: 18 % word accuracy
+#      after 70 steps against 100 %);
 #   B. alignment (LLaVA's stage 1): the whole description under the chat template through the frozen text tower.
 @dataclass
 class VisionStage:
     visuals: str = "all"
     """all: every card colour and city skin (general pre-training, the default) | id: only the in-distribution
     visuals of the tasks (black suits, the nyc skin), to test whether the visual-OOD gap is a pre-training gap"""
-    tower_steps: int = 80
-    """part A steps (one batch per task each)"""
-    align_steps: int = 250
+    tower_steps: int = 400
+    """part A steps (one batch per task each; street views learn slower than cards)"""
+    gp_tower_steps: int = 80
+    """part A steps that include GP hands (read from step ~60 on); the street views go on alone"""
+    align_steps: int = 200
     """part B steps"""
     batch_size: int = 32
     """part A images per task per step"""
@@ -174,9 +177,8 @@ class VisionStage:
     """part A learning rate (AdamW, 20 warm-up steps, cosine)"""
     align_lr: float = 3e-4
     """part B learning rate of the connector; the tower gets a third of it"""
-    tasks: tuple = ("gp",)
-    """the images it trains on: GP hands ("gp") and/or V-IRL street views ("virl"; not by default: in the measured
-    budget the tower did not learn to read the signs, docs/models.md)"""
+    tasks: tuple = ("gp", "virl")
+    """the images it trains on: GP hands ("gp") and/or V-IRL street views ("virl")"""
     seed: int = 0
 
 
@@ -184,8 +186,7 @@ class DescribeData:
     """Fresh (image, prompt, description, word targets) examples. GP hands skip the held-out instances eval.py uses
     (envs.is_unseen); street views come from cities generated here with their own seeds, never the worlds that the
     environments and eval.py read. Word targets for part A, (image token index, text token id): the image token
-    over each word the image shows gets the word's first token (cards: rank, suit; signs: line 1, and line 2 on the
-    token below)."""
+    over each word the image shows gets the word's first token (cards: rank, suit; signs: category, stem)."""
 
     def __init__(self, processor, visuals: str, seed: int):
         from make_virl_world import VIRL_SKINS, _VirlCity
@@ -196,8 +197,8 @@ class DescribeData:
         self.grid = int(round(processor.image_seq_len ** 0.5))
         self.suits = SUITS["mixed" if visuals == "all" else "black"]
         skins = list(VIRL_SKINS) if visuals == "all" else ["nyc"]
-        self.cities = [_VirlCity(sk, random.Random(f"vision-stage:{seed}:{sk}:{k}"), 8, 70.0, 3, 0.3)
-                       for sk in skins for k in range(3)]
+        self.cities = [_VirlCity(sk, random.Random(f"vision-stage:{seed}:{sk}:{k}"), 8, 70.0, 3, 0.7)
+                       for sk in skins for k in range(3)]  # landmarks at 70 % of the corners (worlds: 30 %)
 
     def first_token(self, word: str) -> int:
         return self.tok(word, add_special_tokens=False)["input_ids"][0]
@@ -221,30 +222,31 @@ class DescribeData:
         return render_cards(ranks, suits, 1200, self.px), GP_DESCRIBE_PROMPT, gp_caption(ranks, suits), words
 
     def virl(self):
-        from make_virl_world import virl_readable_signs
+        """A view grid where the environments look: mostly from the node of a corner landmark (the rail points whose
+        milestone names one), mostly heading along a street, so the corner signs sit near the centres of the tiles
+        (docs/models.md). Targets of a sign near its tile's centre: the token left of the centre line (over the
+        pictogram) gets the category's first token, the one right of it (over the monogram) the stem's."""
+        from make_virl_world import virl_name_parts, virl_readable_signs
         city = self.rng.choice(self.cities)
-        xy, kind, key = self.rng.choice(city.points)
-        if self.rng.random() < 0.8:  # mostly near a landmark, where the signs are
-            node = city.nodes[self.rng.choice(city.landmarks)["node"]]
-            xy, kind, key = self.rng.choice([p for p in city.points if math.dist(p[0], node) < 40])
-        rotation, heading = self.rng.randrange(360), self.rng.uniform(0, 360)
-        pano = city.render(xy, kind, key, (512, 256), rotation)
+        lm = self.rng.choice(city.landmarks)
+        node = city.nodes[lm["node"]]
+        xy, kind, key = (node, "node", lm["node"]) if self.rng.random() < 0.7 else self.rng.choice(
+            [p for p in city.points if math.dist(p[0], node) < 40])
+        heading = (self.rng.choice(city.street_bearings(kind, key)) + self.rng.gauss(0, 4)
+                   if self.rng.random() < 0.8 else self.rng.uniform(0, 360))
+        rotation = self.rng.randrange(360)
+        pano = city.render(xy, kind, key, (512, 256), rotation)  # the worlds' panorama size
         image = virl_view_grid(pano, heading, rotation, self.px // 2, self.px // 2, line_width=1)
-        signs, words, used = virl_readable_signs(city, xy, heading), [], set()
-        for sign in signs:  # line 1 on the token over the sign (upper half of its tile), line 2 on the one below
-            x = sign["tile"] % 2 / 2 + (sign["x"] + 1) / 4 * 0.999
-            top, below = self.token_at(x, sign["tile"] // 2 / 2 + 0.1), self.token_at(x, sign["tile"] // 2 / 2 + 0.35)
-            if top not in used:  # two signs over one token: the first
-                used |= {top, below}
-                words += [(t, self.first_token((" " if k else "") + line))
-                          for k, (t, line) in enumerate(zip((top, below), sign_lines(sign["name"])))]
+        signs, words, half = virl_readable_signs(city, xy, heading), [], self.grid // 2
+        for sign in signs:
+            row, col = sign["tile"] // 2 * half + half // 2 - 1, sign["tile"] % 2 * half + half // 2 - 1
+            if abs(sign["x"]) < 0.35 and row * self.grid + col not in [t for t, _ in words]:  # near the tile's
+                # centre (the first such sign of a tile): the pictogram and the monogram on two tokens
+                stem, category = virl_name_parts(sign["name"])
+                space = (" " * (not sign["name"].startswith(category)), " " * sign["name"].startswith(category))
+                words += [(row * self.grid + col, self.first_token(space[0] + category)),
+                          (row * self.grid + col + 1, self.first_token(space[1] + stem))]
         return image, VIRL_DESCRIBE_PROMPT, virl_caption([s["name"] for s in signs]), words
-
-
-def sign_lines(name: str) -> list[str]:
-    """A landmark sign's two lines, as make_virl_world's renderer splits the name."""
-    words = name.split()
-    return [" ".join(words[: (len(words) + 1) // 2]), " ".join(words[(len(words) + 1) // 2:])]
 
 
 def check_finite(loss: torch.Tensor, where: str):
@@ -268,16 +270,15 @@ def vision_stage(vlm, processor, cfg: VisionStage, log=print):
     tower, connector = vlm.model.vision_model, vlm.model.connector
     embed = vlm.model.text_model.embed_tokens.weight.detach()                          # (V, D), frozen
     embed_var = embed.var().item()
-    t0, record = time.time(), {}
+    t0, record, stats = time.time(), {}, {}
 
     # A. word targets: image tokens onto the input embeddings of the words they show
     opt = torch.optim.AdamW([*tower.parameters(), *connector.parameters()], lr=cfg.tower_lr, weight_decay=0.0)
     for step in range(cfg.tower_steps):
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, cfg.tower_steps, cfg.tower_lr)
-        stats = []
-        for sample in (getattr(data, task) for task in cfg.tasks):
-            batch = [sample() for _ in range(cfg.batch_size)]
+        for task in [t for t in cfg.tasks if t != "gp" or step < cfg.gp_tower_steps]:
+            batch = [getattr(data, task)() for _ in range(cfg.batch_size)]
             pixels = ip(images=[[b[0]] for b in batch], return_tensors="pt")["pixel_values"][:, 0]  # (B, 3, px, px)
             tokens = connector(tower(pixel_values=pixels).last_hidden_state)                    # (B, T, D)
             where = [(i, t, w) for i, b in enumerate(batch) for t, w in b[3]]
@@ -292,12 +293,11 @@ def vision_stage(vlm, processor, cfg: VisionStage, log=print):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], 1.0)
             opt.step()
-            stats.append((loss.item(), (logits.argmax(-1) == w).float().mean().item()))
-        record["word_acc"] = [round(a, 3) for _, a in stats]
+            stats[task] = (loss.item(), (logits.argmax(-1) == w).float().mean().item())
+        record["word_acc"] = [round(stats[t][1], 3) for t in cfg.tasks if t in stats]  # each task's last step
         if step % 20 == 0 or step == cfg.tower_steps - 1:
             log(f"vision stage A {step + 1}/{cfg.tower_steps}: loss/word accuracy " +
-                " ".join(f"{n} {l:.3f}/{a:.2f}" for n, (l, a) in zip(cfg.tasks, stats)) +
-                f" ({time.time() - t0:.0f}s)")
+                " ".join(f"{n} {l:.3f}/{a:.2f}" for n, (l, a) in stats.items()) + f" ({time.time() - t0:.0f}s)")
 
     # B. alignment: the description through the frozen text tower (LLaVA stage 1)
     opt = torch.optim.AdamW([dict(params=list(connector.parameters())), dict(params=list(tower.parameters()))],
@@ -457,7 +457,7 @@ if __name__ == "__main__":
     parser.add_argument("--force", action="store_true", help="rebuild even when the directory exists")
     parser.add_argument("--tower-steps", type=int, help="vision stage part A steps (default: the name's recipe)")
     parser.add_argument("--align-steps", type=int, help="vision stage part B steps (default: the name's recipe)")
-    parser.add_argument("--stage-tasks", nargs="+", choices=["gp", "virl"], help="vision stage images (default: gp)")
+    parser.add_argument("--stage-tasks", nargs="+", choices=["gp", "virl"], help="vision stage images (default: gp virl)")
     a = parser.parse_args()
     names, force = a.names, a.force
     names = [n for name in names for n in ({"tiny": ["tiny-lm", "tiny-vl"], "all": list(BUILDERS)}.get(name, [name]))]

@@ -2,7 +2,7 @@
 Leaves out the environment: envs.NavigationEnv reads the files; envs.py runs this file on first use, never imports it.
 Details: docs/virl_env.md, "The generated world".
 
-    python make_virl_world.py --world nyc --seed 0                # -> $SFTVSRL_CACHE/virl/nyc_seed0_v1/ (training city)
+    python make_virl_world.py --world nyc --seed 0                # -> $SFTVSRL_CACHE/virl/nyc_seed0_v2/ (training city)
     python make_virl_world.py --world vln_mini                    # the VLN-mini analogue: 9 city skins x 2 routes
     python make_virl_world.py --world london --out /tmp/london    # any folder
 
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from envs import (EARTH_RADIUS_M, VIRL_DIRECTIONS_ABS, VIRL_VLN_MINI_SKINS, VIRL_WORLD_VERSION, _font,
+from envs import (EARTH_RADIUS_M, VIRL_DIRECTIONS_ABS, VIRL_VLN_MINI_SKINS, _font,
                   virl_view_headings, virl_world_dir, virl_world_files)
 
 VIRL_CATEGORIES = ["Hotel", "Cafe", "Bank", "Pharmacy", "Bookstore", "Bakery", "Museum", "Pizzeria", "Gym", "Florist",
@@ -97,6 +97,85 @@ VIRL_WORLDS = {  # name -> generate_virl_world kwargs
     **{sk: dict(skin=sk, num_routes=300, num_heldout_routes=60) for sk in VIRL_SKINS},
     "vln_mini": dict(skin=VIRL_VLN_MINI_SKINS, num_routes=18, num_heldout_routes=0, grid_size=5),
 }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Landmark signs: a shop's logo, large enough for the default VL model's 256 px input
+# ---------------------------------------------------------------------------------------------------------------
+# A sign shows the landmark's category as a pictogram and its name stem as a 2-letter monogram, both large, over the
+# full name in small text (world v2). The v1 signs held only the name, in 6-9 px letters at the model's input: a
+# vision tower trained from scratch did not learn to read them (docs/models.md), as a pretrained VLM would.
+VIRL_READ_M = 30.0  # metres: signs farther away are not drawn; the vision stage names every drawn sign
+VIRL_SIGN_M = dict(half_width=6.0, bottom=1.5, top=8.0)  # sign size in metres (above eye level), at its distance
+
+
+def virl_monograms(stems) -> dict:
+    """Each stem's logo letters: its first letter and the first later one that no earlier stem took (else any free
+    second letter), so that a monogram names one stem in every city, like a chain's logo."""
+    out, taken = {}, set()
+    for stem in stems:
+        w = stem.replace(" ", "").upper()
+        out[stem] = next(w[0] + c for c in [*w[1:], *"ABCDEFGHIJKLMNOPQRSTUVWXYZ"] if w[0] + c not in taken)
+        taken.add(out[stem])
+    return out
+
+
+VIRL_MONOGRAMS = virl_monograms([stem for s in VIRL_SKINS.values() for stem in s["stems"]])  # stem -> 2 letters
+
+
+def virl_name_parts(name: str) -> tuple[str, str]:
+    """(stem, category) of a landmark name: 'Hudson Cafe' and 'Cafe Duomo' -> ('Hudson', 'Cafe'), ('Duomo', 'Cafe')."""
+    words = name.split()
+    if words[-1] in VIRL_CATEGORIES:
+        return " ".join(words[:-1]), words[-1]
+    return " ".join(words[1:]), words[0]
+
+
+def draw_pictogram(draw: ImageDraw.ImageDraw, k: int, box: tuple, fill):
+    """Category k's icon (one of 16 simple shapes) in the square box (x, y, size)."""
+    x, y, s = box
+    c, r, lw = (x + s / 2, y + s / 2), s / 2, max(1, int(s / 6))
+
+    def ngon(n, turn=0.0, radius=r):
+        return [(c[0] + radius * math.sin(turn + 2 * math.pi * i / n), c[1] - radius * math.cos(turn + 2 * math.pi * i / n))
+                for i in range(n)]
+    shapes = [
+        lambda: draw.ellipse([x, y, x + s, y + s], fill=fill),
+        lambda: draw.rectangle([x, y, x + s, y + s], fill=fill),
+        lambda: draw.polygon(ngon(3), fill=fill),
+        lambda: draw.polygon(ngon(3, math.pi), fill=fill),
+        lambda: draw.polygon(ngon(4), fill=fill),
+        lambda: (draw.rectangle([x + s / 3, y, x + 2 * s / 3, y + s], fill=fill),
+                 draw.rectangle([x, y + s / 3, x + s, y + 2 * s / 3], fill=fill)),
+        lambda: (draw.line([x, y, x + s, y + s], fill=fill, width=lw + 1),
+                 draw.line([x, y + s, x + s, y], fill=fill, width=lw + 1)),
+        lambda: draw.ellipse([x, y, x + s, y + s], outline=fill, width=lw),
+        lambda: draw.rectangle([x, y, x + s, y + s], outline=fill, width=lw),
+        lambda: draw.polygon([p for pair in zip(ngon(5), ngon(5, math.pi / 5, r * 0.45)) for p in pair], fill=fill),
+        lambda: [draw.rectangle([x, y + i * s * 0.4, x + s, y + i * s * 0.4 + s / 5], fill=fill) for i in range(3)],
+        lambda: [draw.rectangle([x + i * s * 0.4, y, x + i * s * 0.4 + s / 5, y + s], fill=fill) for i in range(3)],
+        lambda: draw.pieslice([x, y, x + s, y + 2 * s], 180, 360, fill=fill),
+        lambda: draw.polygon(ngon(6), fill=fill),
+        lambda: (draw.ellipse([x, y + s / 4, x + s / 2, y + 3 * s / 4], fill=fill),
+                 draw.ellipse([x + s / 2, y + s / 4, x + s, y + 3 * s / 4], fill=fill)),
+        lambda: draw.polygon([(x, y), (x + s, y + s / 2), (x, y + s)], outline=fill, width=lw),
+    ]
+    shapes[k]()
+
+
+def draw_sign(draw: ImageDraw.ImageDraw, name: str, colour, box: tuple):
+    """A landmark's sign in box (x0, y0, x1, y1): the category's pictogram left, the stem's monogram right (both
+    ~60 % of the sign's height), the full name small along the bottom."""
+    x0, y0, x1, y1 = box
+    stem, category = virl_name_parts(name)
+    ink = (0, 0, 0) if sum(colour) > 400 else (255, 255, 255)
+    h, w = y1 - y0, x1 - x0
+    s = min(0.62 * h, 0.4 * w)
+    draw.rectangle([x0, y0, x1, y1], fill=colour, outline=(0, 0, 0))
+    draw_pictogram(draw, VIRL_CATEGORIES.index(category), (x0 + 0.06 * w, y0 + 0.08 * h, s), ink)
+    draw.text((x0 + 0.12 * w + s, y0 + 0.08 * h + s / 2), VIRL_MONOGRAMS[stem], fill=ink,
+              font=_font(max(6, int(s * 1.15))), anchor="lm")
+    draw.text((x0 + 0.06 * w, y1 - 0.04 * h), name, fill=ink, font=_font(max(5, int(0.22 * h))), anchor="ls")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -195,7 +274,8 @@ class _VirlCity:
 
     def render(self, xy, kind, key, size, rotation) -> Image.Image:
         """Equirectangular panorama at xy: sky, facades with windows (colour per block), road with centre lines
-        along the street directions, and a named sign for every landmark within 45 m, at its true bearing."""
+        along the street directions, and a sign (draw_sign) for every landmark within VIRL_READ_M, at its true
+        bearing."""
         W, H = size
         s = self.s
         theta = (np.arange(W) + 0.5) / W * 360
@@ -230,29 +310,22 @@ class _VirlCity:
         for lm in self.landmarks:
             dx, dy = lm["xy"][0] - xy[0], lm["xy"][1] - xy[1]
             r = math.hypot(dx, dy)
-            if r > 45 or r < 1:
+            if r > VIRL_READ_M or r < 1:
                 continue
             b = math.degrees(math.atan2(dx, dy)) % 360
-            half = min(40.0, math.degrees(math.atan2(5.0, r)))
-            top_e, bot_e = math.degrees(math.atan2(6.0, r)), math.degrees(math.atan2(1.0, r))
+            half = min(40.0, math.degrees(math.atan2(VIRL_SIGN_M["half_width"], r)))
+            top_e, bot_e = (math.degrees(math.atan2(VIRL_SIGN_M[k], r)) for k in ("top", "bottom"))
             cx = ((b - 180) % 360 + rotation) % 360 / 360 * W
             x0, x1 = cx - half / 360 * W, cx + half / 360 * W
             y0, y1 = (90 - top_e) / 180 * H, (90 - bot_e) / 180 * H
-            fsize = max(6, int((y1 - y0) / 3))
-            font = _font(fsize)
-            text_rgb = (0, 0, 0) if sum(lm["colour"]) > 400 else (255, 255, 255)
-            words = lm["name"].split()
-            lines = [" ".join(words[: (len(words) + 1) // 2]), " ".join(words[(len(words) + 1) // 2:])]
             for off in (-W, 0, W):  # signs that straddle the seam are drawn on both sides
-                draw.rectangle([x0 + off, y0, x1 + off, y1], fill=lm["colour"], outline=(0, 0, 0))
-                for li, line in enumerate(lines):
-                    draw.text((x0 + off + 2, y0 + 2 + li * (fsize + 1)), line, fill=text_rgb, font=font)
+                draw_sign(draw, lm["name"], lm["colour"], (x0 + off, y0, x1 + off, y1))
         return im
 
 
-def virl_readable_signs(city: _VirlCity, xy, heading: float, read_m: float = 25.0) -> list[dict]:
-    """The landmark signs a 2x2 view grid (envs.virl_view_grid at `heading`) shows large enough to read: those within
-    `read_m` metres, in grid order (tile 0..3 = views at heading -135, -45, +45, +135; left to right in a tile).
+def virl_readable_signs(city: _VirlCity, xy, heading: float, read_m: float = VIRL_READ_M) -> list[dict]:
+    """The landmark signs a 2x2 view grid (envs.virl_view_grid at `heading`) shows: those within `read_m` metres (all
+    that the panorama draws), in grid order (tile 0..3 = views at heading -135, -45, +45, +135; left to right in a tile).
     Each: name, tile, x (-1 left edge .. 1 right edge of its tile). The vision pre-training stage's labels."""
     signs, views = [], virl_view_headings(heading)
     for lm in city.landmarks:
@@ -344,7 +417,7 @@ def generate_virl_world(out_dir, num_routes: int = 300, num_heldout_routes: int 
     views.mkdir(parents=True, exist_ok=True)
     mapping, train, heldout = {}, [], []
     for ci, sk in enumerate(skins):
-        rng = random.Random(f"virl-world-v{VIRL_WORLD_VERSION}:{seed}:{ci}:{sk}:{len(skins)}")
+        rng = random.Random(f"virl-world-v1:{seed}:{ci}:{sk}:{len(skins)}")  # v2 redrew only the signs
         city = _VirlCity(sk, rng, grid_size, block_m, points_per_block, landmark_prob,
                          city_idx=1 if (len(skins) > 1 and sk == "nyc") else 0)
         n_train = num_routes // len(skins)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import envs as virl
 import make_virl_world as mvw
@@ -349,6 +349,34 @@ def test_env_vl_image_and_resize(world):
 
 
 # ---- generated world ------------------------------------------------------------------------------------------------
+def test_sign_logos_are_unique_and_names_split_back():
+    """World v2 signs: a 2-letter monogram per stem, unique over all skins, and 16 distinct category pictograms."""
+    mono = mvw.VIRL_MONOGRAMS
+    stems = [stem for s in mvw.VIRL_SKINS.values() for stem in s["stems"]]
+    assert sorted(mono) == sorted(stems) and len(set(mono.values())) == len(stems)
+    assert all(len(m) == 2 and m.isupper() and m[0] == stem[0].upper() for stem, m in mono.items())
+    for skin, s in mvw.VIRL_SKINS.items():
+        for stem in s["stems"]:
+            for cat in mvw.VIRL_CATEGORIES:
+                assert mvw.virl_name_parts(f"{stem} {cat}" if s["order"] == "stem" else f"{cat} {stem}") == (stem, cat)
+    icons = []
+    for k in range(len(mvw.VIRL_CATEGORIES)):
+        im = Image.new("RGB", (24, 24))
+        mvw.draw_pictogram(ImageDraw.Draw(im), k, (2, 2, 20), (255, 255, 255))
+        icons.append(np.asarray(im).tobytes())
+    assert len(set(icons)) == len(mvw.VIRL_CATEGORIES) and Image.new("RGB", (24, 24)).tobytes() not in icons
+
+
+def test_signs_are_drawn_within_the_reading_distance_only():
+    city = mvw._VirlCity("nyc", random.Random(0), 3, 70.0, 1, 0.0)
+    lm = city.add_landmark((1, 1), 0, random.Random(0))
+    colour = np.array(lm["colour"])
+    for r, drawn in ((12.0, True), (mvw.VIRL_READ_M + 5, False)):
+        xy = (lm["xy"][0] - r * math.sin(math.radians(10)), lm["xy"][1] - r * math.cos(math.radians(10)))
+        pano = np.asarray(city.render(xy, "edge", ((0, 0), (1, 0)), (512, 256), 0)).astype(int)
+        assert ((np.abs(pano - colour).sum(-1) < 10).sum() > 100) == drawn
+
+
 def test_world_files_official_format_and_heldout_disjoint(world, tmp_path):
     routes, num = json.load(open(world["route_info_path"]))
     held, _ = json.load(open(world["heldout_route_info_path"]))
