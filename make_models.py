@@ -34,15 +34,10 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, Idefics3Config, I
                           Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil, Qwen2VLProcessor,
                           SiglipImageProcessorPil)
 
+from common import CACHE_DIR, PREPARED as DIRS  # the directories the scripts look for
 from envs import (CARD_RANK_AT, CARD_SUIT_AT, GP_DESCRIBE_PROMPT, SUIT_NAMES, SUITS, VIRL_DESCRIBE_PROMPT, card_layout,
                   gp_caption, gp_instance_id, is_unseen, plain_card_name, render_cards, virl_caption, virl_view_grid)
 
-CACHE_DIR = os.environ.get("SFTVSRL_CACHE", os.path.expanduser("~/.cache/sftvsrl"))
-# the directory names the scripts look for (their `PREPARED` table); bump a suffix when a recipe changes
-DIRS = {"smollm2": "smollm2-135m-instruct", "smolvlm-blind": "smolvlm-smollm2-135m-256px-v2",
-        "smolvlm": "smolvlm-smollm2-135m-256px-v4-seeing", "smolvlm-id": "smolvlm-smollm2-135m-256px-v4-seeing-id",
-        "tiny-lm": "tiny-lm-v1", "tiny-vl": "tiny-vl-v1", "tiny-vl-seeing": "tiny-vl-seeing-v1",
-        "tiny-mllama": "tiny-mllama-v1", "tiny-qwen2vl": "tiny-qwen2vl-v1", "tiny-llava": "tiny-llava-v1"}
 IMAGE_SPECIAL_TOKENS = ["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]
 SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
@@ -163,11 +158,11 @@ class VisionStage:
     visuals: str = "all"
     """all: every card colour and city skin (general pre-training, the default) | id: only the in-distribution
     visuals of the tasks (black suits, the nyc skin), to test whether the visual-OOD gap is a pre-training gap"""
-    tower_steps: int = 400
-    """part A steps (one batch per task each; street views learn slower than cards)"""
+    tower_steps: int = 80
+    """part A steps (one batch per task each)"""
     gp_tower_steps: int = 80
     """part A steps that include GP hands (read from step ~60 on); the street views go on alone"""
-    align_steps: int = 200
+    align_steps: int = 250
     """part B steps"""
     batch_size: int = 32
     """part A images per task per step"""
@@ -177,8 +172,9 @@ class VisionStage:
     """part A learning rate (AdamW, 20 warm-up steps, cosine)"""
     align_lr: float = 3e-4
     """part B learning rate of the connector; the tower gets a third of it"""
-    tasks: tuple = ("gp", "virl")
-    """the images it trains on: GP hands ("gp") and/or V-IRL street views ("virl")"""
+    tasks: tuple = ("gp",)
+    """the images it trains on: GP hands ("gp") and/or V-IRL street views ("virl"; not by default: in the measured
+    budget the stage did not learn to name the landmarks, docs/models.md; `smolvlm-streets` trains on both)"""
     seed: int = 0
 
 
@@ -444,10 +440,12 @@ def build_tiny_class(name: str):
 
 
 STAGES = {"smolvlm": VisionStage(), "smolvlm-id": VisionStage(visuals="id"),  # names built with the vision stage
+          "smolvlm-streets": VisionStage(tower_steps=400, align_steps=200, tasks=("gp", "virl")),
           "tiny-vl-seeing": VisionStage(tower_steps=4, align_steps=2, batch_size=4, align_batch_size=4,
                                         tasks=("gp", "virl"))}
 BUILDERS = {"smollm2": build_smollm2, "smolvlm-blind": build_smolvlm, "smolvlm": build_smolvlm,
-            "smolvlm-id": build_smolvlm, "tiny-lm": lambda: build_tiny(False), "tiny-vl": lambda: build_tiny(True),
+            "smolvlm-id": build_smolvlm, "smolvlm-streets": build_smolvlm, "tiny-lm": lambda: build_tiny(False),
+            "tiny-vl": lambda: build_tiny(True),
             "tiny-vl-seeing": lambda: build_tiny(True), **{n: lambda n=n: build_tiny_class(n)
                                                            for n in ("tiny-mllama", "tiny-qwen2vl", "tiny-llava")}}
 
@@ -457,7 +455,8 @@ if __name__ == "__main__":
     parser.add_argument("--force", action="store_true", help="rebuild even when the directory exists")
     parser.add_argument("--tower-steps", type=int, help="vision stage part A steps (default: the name's recipe)")
     parser.add_argument("--align-steps", type=int, help="vision stage part B steps (default: the name's recipe)")
-    parser.add_argument("--stage-tasks", nargs="+", choices=["gp", "virl"], help="vision stage images (default: gp virl)")
+    parser.add_argument("--stage-tasks", nargs="+", choices=["gp", "virl"],
+                        help="vision stage images (default: the name's recipe)")
     a = parser.parse_args()
     names, force = a.names, a.force
     names = [n for name in names for n in ({"tiny": ["tiny-lm", "tiny-vl"], "all": list(BUILDERS)}.get(name, [name]))]

@@ -137,8 +137,8 @@ def draw_pictogram(draw: ImageDraw.ImageDraw, k: int, box: tuple, fill):
     c, r, lw = (x + s / 2, y + s / 2), s / 2, max(1, int(s / 6))
 
     def ngon(n, turn=0.0, radius=r):
-        return [(c[0] + radius * math.sin(turn + 2 * math.pi * i / n), c[1] - radius * math.cos(turn + 2 * math.pi * i / n))
-                for i in range(n)]
+        angles = [turn + 2 * math.pi * i / n for i in range(n)]
+        return [(c[0] + radius * math.sin(a), c[1] - radius * math.cos(a)) for a in angles]
     shapes = [
         lambda: draw.ellipse([x, y, x + s, y + s], fill=fill),
         lambda: draw.rectangle([x, y, x + s, y + s], fill=fill),
@@ -325,7 +325,8 @@ class _VirlCity:
 
 def virl_readable_signs(city: _VirlCity, xy, heading: float, read_m: float = VIRL_READ_M) -> list[dict]:
     """The landmark signs a 2x2 view grid (envs.virl_view_grid at `heading`) shows: those within `read_m` metres (all
-    that the panorama draws), in grid order (tile 0..3 = views at heading -135, -45, +45, +135; left to right in a tile).
+    that the panorama draws), in grid order (tile 0..3 = views at heading -135, -45, +45, +135; left to right in a
+    tile).
     Each: name, tile, x (-1 left edge .. 1 right edge of its tile). The vision pre-training stage's labels."""
     signs, views = [], virl_view_headings(heading)
     for lm in city.landmarks:

@@ -413,8 +413,9 @@ def test_heldout_split_via_world_cache(world, tmp_path, monkeypatch):
 
 def test_virl_world_paths_runs_the_tool_once(tmp_path, monkeypatch):
     paths = virl.virl_world_paths("london", seed=1, cache_dir=tmp_path)
-    assert paths == virl.virl_world_files(tmp_path / "virl" / "london_seed1_v1")
-    assert os.listdir(tmp_path / "virl") == ["london_seed1_v1"]  # the temporary folder was renamed
+    folder = f"london_seed1_v{virl.VIRL_WORLD_VERSION}"
+    assert paths == virl.virl_world_files(tmp_path / "virl" / folder)
+    assert os.listdir(tmp_path / "virl") == [folder]  # the temporary folder was renamed
     routes, num = json.load(open(paths["route_info_path"]))
     assert num == len(routes) == 300 and len(json.load(open(paths["heldout_route_info_path"]))[0]) == 60
     monkeypatch.setattr(virl.subprocess, "run", None)
