@@ -234,14 +234,14 @@ class DescribeData:
         pano = city.render(xy, kind, key, (512, 256), rotation)  # the worlds' panorama size
         image = virl_view_grid(pano, heading, rotation, self.px // 2, self.px // 2, line_width=1)
         signs, words, half = virl_readable_signs(city, xy, heading), [], self.grid // 2
-        for sign in signs:
+        for sign in signs:  # near its tile's centre, the first such sign of a tile: pictogram and monogram tokens
             row, col = sign["tile"] // 2 * half + half // 2 - 1, sign["tile"] % 2 * half + half // 2 - 1
-            if abs(sign["x"]) < 0.35 and row * self.grid + col not in [t for t, _ in words]:  # near the tile's
-                # centre (the first such sign of a tile): the pictogram and the monogram on two tokens
+            left = row * self.grid + col
+            if abs(sign["x"]) < 0.35 and left not in [t for t, _ in words]:
                 stem, category = virl_name_parts(sign["name"])
-                space = (" " * (not sign["name"].startswith(category)), " " * sign["name"].startswith(category))
-                words += [(row * self.grid + col, self.first_token(space[0] + category)),
-                          (row * self.grid + col + 1, self.first_token(space[1] + stem))]
+                category_first = sign["name"].startswith(category)  # the second word follows a space
+                words += [(left, self.first_token(" " * (not category_first) + category)),
+                          (left + 1, self.first_token(" " * category_first + stem))]
         return image, VIRL_DESCRIBE_PROMPT, virl_caption([s["name"] for s in signs]), words
 
 
