@@ -220,8 +220,9 @@ class DescribeData:
     def virl(self):
         """A view grid where the environments look: mostly from the node of a corner landmark (the rail points whose
         milestone names one), mostly heading along a street, so the corner signs sit near the centres of the tiles
-        (docs/models.md). Targets of a sign near its tile's centre: the token left of the centre line (over the
-        pictogram) gets the category's first token, the one right of it (over the monogram) the stem's."""
+        (docs/models.md). Targets of a sign whose pictogram lies left of its tile's centre line and monogram right of
+        it (as drawn, virl_readable_signs): the token left of the line gets the category's first token, the one right
+        of it the stem's."""
         from make_virl_world import virl_name_parts, virl_readable_signs
         city = self.rng.choice(self.cities)
         lm = self.rng.choice(city.landmarks)
@@ -234,14 +235,12 @@ class DescribeData:
         pano = city.render(xy, kind, key, (512, 256), rotation)  # the worlds' panorama size
         image = virl_view_grid(pano, heading, rotation, self.px // 2, self.px // 2, line_width=1)
         signs, words, half = virl_readable_signs(city, xy, heading), [], self.grid // 2
-        for sign in signs:  # near its tile's centre, the first such sign of a tile: pictogram and monogram tokens
+        for sign in signs:  # pictogram left of its tile's centre line, monogram right of it: the first such sign
             row, col = sign["tile"] // 2 * half + half // 2 - 1, sign["tile"] % 2 * half + half // 2 - 1
             left = row * self.grid + col
-            if abs(sign["x"]) < 0.35 and left not in [t for t, _ in words]:
-                stem, category = virl_name_parts(sign["name"])
-                category_first = sign["name"].startswith(category)  # the second word follows a space
-                words += [(left, self.first_token(" " * (not category_first) + category)),
-                          (left + 1, self.first_token(" " * category_first + stem))]
+            if -1 < sign["pictogram_x"] < 0 < sign["monogram_x"] < 1 and left not in [t for t, _ in words]:
+                stem, category = virl_name_parts(sign["name"])  # each word as it follows a space (either order)
+                words += [(left, self.first_token(" " + category)), (left + 1, self.first_token(" " + stem))]
         return image, VIRL_DESCRIBE_PROMPT, virl_caption([s["name"] for s in signs]), words
 
 
@@ -298,12 +297,12 @@ def vision_stage(vlm, processor, cfg: VisionStage, log=print):
     # B. alignment: the description through the frozen text tower (LLaVA stage 1)
     opt = torch.optim.AdamW([dict(params=list(connector.parameters())), dict(params=list(tower.parameters()))],
                             lr=cfg.align_lr, weight_decay=0.0)
-    eos, prompt_tokens = data.tok.eos_token, {}
+    eos, prompt_tokens, losses = data.tok.eos_token, {}, {}
     for step in range(cfg.align_steps):
         for g, scale in zip(opt.param_groups, (1.0, 1 / 3)):
             g["lr"] = cosine_lr(step, cfg.align_steps, cfg.align_lr) * scale
-        batch = [getattr(data, cfg.tasks[k * len(cfg.tasks) // cfg.align_batch_size])()
-                 for k in range(cfg.align_batch_size)]  # the tasks in equal parts
+        kinds = [cfg.tasks[k * len(cfg.tasks) // cfg.align_batch_size] for k in range(cfg.align_batch_size)]
+        batch = [getattr(data, kind)() for kind in kinds]  # the tasks in equal parts
         prompts = [describe_prompt(processor, b[1]) for b in batch]
         enc = processor(text=[p + b[2] + eos for p, b in zip(prompts, batch)], images=[[b[0]] for b in batch],
                         return_tensors="pt", padding=True, padding_side="right")
@@ -318,16 +317,20 @@ def vision_stage(vlm, processor, cfg: VisionStage, log=print):
         hidden = vlm.model(**enc).last_hidden_state[:, :-1]                                   # (B, L-1, D)
         target = labels[:, 1:]
         scored = target != -100
-        loss = F.cross_entropy(vlm.lm_head(hidden[scored]).float(), target[scored])           # fp32 log-probs
+        per_token = F.cross_entropy(vlm.lm_head(hidden[scored]).float(), target[scored], reduction="none")  # fp32
+        loss = per_token.mean()
         check_finite(loss, f"part B step {step + 1}")
+        row = scored.nonzero()[:, 0]                                                          # (N,) each token's row
+        for task in cfg.tasks:  # each task's loss per token, for the log
+            losses[task] = per_token[torch.tensor([kind == task for kind in kinds])[row]].mean().item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
         opt.step()
         record["align_loss"] = round(loss.item(), 4)
         if step % 10 == 0 or step == cfg.align_steps - 1:
-            log(f"vision stage B {step + 1}/{cfg.align_steps}: description loss {loss.item():.3f} "
-                f"({time.time() - t0:.0f}s)")
+            log(f"vision stage B {step + 1}/{cfg.align_steps}: description loss {loss.item():.3f} (" +
+                " ".join(f"{t} {v:.3f}" for t, v in losses.items()) + f", {time.time() - t0:.0f}s)")
     for p in vlm.parameters():
         p.requires_grad = True
     vlm.config.vision_stage = dict(asdict(cfg), seconds=round(time.time() - t0), **record)

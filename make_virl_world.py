@@ -163,19 +163,31 @@ def draw_pictogram(draw: ImageDraw.ImageDraw, k: int, box: tuple, fill):
     shapes[k]()
 
 
+def sign_layout(name: str, w: float, h: float) -> dict:
+    """Where draw_sign puts the parts of a w x h sign, from its top-left corner: the pictogram's box (x, y, size),
+    the monogram's left-middle anchor and centre x, their font sizes."""
+    stem, _ = virl_name_parts(name)
+    s = min(0.62 * h, 0.4 * w)
+    size = max(6, int(s * 1.15))
+    return dict(pictogram=(0.06 * w, 0.08 * h, s), monogram=(0.12 * w + s, 0.08 * h + s / 2), monogram_size=size,
+                monogram_cx=0.12 * w + s + _font(size).getlength(VIRL_MONOGRAMS[stem]) / 2,
+                name_size=max(5, int(0.22 * h)))
+
+
 def draw_sign(draw: ImageDraw.ImageDraw, name: str, colour, box: tuple):
     """A landmark's sign in box (x0, y0, x1, y1): the category's pictogram left, the stem's monogram right (both
-    ~60 % of the sign's height), the full name small along the bottom."""
+    ~60 % of the sign's height), the full name small along the bottom (sign_layout)."""
     x0, y0, x1, y1 = box
     stem, category = virl_name_parts(name)
     ink = (0, 0, 0) if sum(colour) > 400 else (255, 255, 255)
     h, w = y1 - y0, x1 - x0
-    s = min(0.62 * h, 0.4 * w)
+    at = sign_layout(name, w, h)
+    px, py, s = at["pictogram"]
     draw.rectangle([x0, y0, x1, y1], fill=colour, outline=(0, 0, 0))
-    draw_pictogram(draw, VIRL_CATEGORIES.index(category), (x0 + 0.06 * w, y0 + 0.08 * h, s), ink)
-    draw.text((x0 + 0.12 * w + s, y0 + 0.08 * h + s / 2), VIRL_MONOGRAMS[stem], fill=ink,
-              font=_font(max(6, int(s * 1.15))), anchor="lm")
-    draw.text((x0 + 0.06 * w, y1 - 0.04 * h), name, fill=ink, font=_font(max(5, int(0.22 * h))), anchor="ls")
+    draw_pictogram(draw, VIRL_CATEGORIES.index(category), (x0 + px, y0 + py, s), ink)
+    draw.text((x0 + at["monogram"][0], y0 + at["monogram"][1]), VIRL_MONOGRAMS[stem], fill=ink,
+              font=_font(at["monogram_size"]), anchor="lm")
+    draw.text((x0 + 0.06 * w, y1 - 0.04 * h), name, fill=ink, font=_font(at["name_size"]), anchor="ls")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -313,8 +325,7 @@ class _VirlCity:
             if r > VIRL_READ_M or r < 1:
                 continue
             b = math.degrees(math.atan2(dx, dy)) % 360
-            half = min(40.0, math.degrees(math.atan2(VIRL_SIGN_M["half_width"], r)))
-            top_e, bot_e = (math.degrees(math.atan2(VIRL_SIGN_M[k], r)) for k in ("top", "bottom"))
+            half, top_e, bot_e = sign_angles(r)
             cx = ((b - 180) % 360 + rotation) % 360 / 360 * W
             x0, x1 = cx - half / 360 * W, cx + half / 360 * W
             y0, y1 = (90 - top_e) / 180 * H, (90 - bot_e) / 180 * H
@@ -323,19 +334,35 @@ class _VirlCity:
         return im
 
 
-def virl_readable_signs(city: _VirlCity, xy, heading: float, read_m: float = VIRL_READ_M) -> list[dict]:
+def sign_angles(r: float) -> tuple[float, float, float]:
+    """A sign at r metres in a panorama, in degrees: its half width, the elevations of its top and bottom edges."""
+    half = min(40.0, math.degrees(math.atan2(VIRL_SIGN_M["half_width"], r)))
+    return (half, *(math.degrees(math.atan2(VIRL_SIGN_M[k], r)) for k in ("top", "bottom")))
+
+
+def virl_readable_signs(city: _VirlCity, xy, heading: float, read_m: float = VIRL_READ_M,
+                        pano_size: tuple = (512, 256)) -> list[dict]:
     """The landmark signs a 2x2 view grid (envs.virl_view_grid at `heading`) shows: those within `read_m` metres (all
     that the panorama draws), in grid order (tile 0..3 = views at heading -135, -45, +45, +135; left to right in a
     tile).
-    Each: name, tile, x (-1 left edge .. 1 right edge of its tile). The vision pre-training stage's labels."""
+    Each: name, tile, and in the tile's units (-1 left edge .. 1 right edge; pinhole, FOV 90) x of the sign's
+    centre, pictogram_x and monogram_x of the centres of its pictogram and monogram on a panorama of pano_size
+    (W, H). The vision pre-training stage's labels."""
     signs, views = [], virl_view_headings(heading)
     for lm in city.landmarks:
         dx, dy = lm["xy"][0] - xy[0], lm["xy"][1] - xy[1]
-        if not 1 <= math.hypot(dx, dy) <= read_m:
+        r = math.hypot(dx, dy)
+        if not 1 <= r <= read_m:
             continue
         off = [(math.degrees(math.atan2(dx, dy)) - v + 180) % 360 - 180 for v in views]  # from each view's centre
         tile = min(range(4), key=lambda i: abs(off[i]))
-        signs.append({"name": lm["name"], "tile": tile, "x": math.tan(math.radians(off[tile]))})  # pinhole, FOV 90
+        half, top_e, bot_e = sign_angles(r)
+        w, h = 2 * half / 360 * pano_size[0], (top_e - bot_e) / 180 * pano_size[1]  # the drawn sign, pano px
+        at = sign_layout(lm["name"], w, h)
+        x_at = lambda px: math.tan(math.radians(max(-89.0, min(89.0, off[tile] - half + 2 * half * px / w))))
+        signs.append({"name": lm["name"], "tile": tile, "x": x_at(w / 2),
+                      "pictogram_x": x_at(at["pictogram"][0] + at["pictogram"][2] / 2),
+                      "monogram_x": x_at(at["monogram_cx"])})
     return sorted(signs, key=lambda s: (s["tile"], s["x"]))
 
 

@@ -377,6 +377,23 @@ def test_signs_are_drawn_within_the_reading_distance_only():
         assert ((np.abs(pano - colour).sum(-1) < 10).sum() > 100) == drawn
 
 
+def test_readable_signs_say_where_the_view_shows_the_pictogram_and_monogram():
+    city = mvw._VirlCity("nyc", random.Random(0), 3, 70.0, 1, 0.0)
+    lm = city.add_landmark((1, 1), 0, random.Random(0))
+    colour = np.array(lm["colour"])
+    node = city.nodes[(1, 1)]
+    bearing = math.degrees(math.atan2(lm["xy"][0] - node[0], lm["xy"][1] - node[1]))
+    for heading in (bearing + 35, bearing + 45, bearing + 57):  # near the centre of the view at heading - 45
+        (sign,) = mvw.virl_readable_signs(city, node, heading)
+        pano = city.render(node, "node", (1, 1), (512, 256), 0)
+        view = np.asarray(virl.virl_view_grid(pano, heading, 0, 128, 128, line_width=0)).astype(int)
+        tile = view[sign["tile"] // 2 * 128:][:128, sign["tile"] % 2 * 128:][:, :128]
+        cols = np.flatnonzero((np.abs(tile - colour).sum(-1) < 10).sum(0) > 2)  # the sign's columns
+        to_px = lambda x: (x + 1) / 2 * 128
+        assert abs((cols.min() + cols.max() + 1) / 2 - to_px(sign["x"])) < 4
+        assert cols.min() < to_px(sign["pictogram_x"]) < to_px(sign["x"]) < to_px(sign["monogram_x"]) < cols.max()
+
+
 def test_world_files_official_format_and_heldout_disjoint(world, tmp_path):
     routes, num = json.load(open(world["route_info_path"]))
     held, _ = json.load(open(world["heldout_route_info_path"]))
