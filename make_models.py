@@ -272,7 +272,8 @@ def vision_stage(vlm, processor, cfg: VisionStage, log=print):
     for step in range(cfg.tower_steps):
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, cfg.tower_steps, cfg.tower_lr)
-        for task in [t for t in cfg.tasks if t != "gp" or step < cfg.gp_tower_steps]:
+        trained = [t for t in cfg.tasks if t != "gp" or step < cfg.gp_tower_steps]
+        for task in trained:
             batch = [getattr(data, task)() for _ in range(cfg.batch_size)]
             pixels = ip(images=[[b[0]] for b in batch], return_tensors="pt")["pixel_values"][:, 0]  # (B, 3, px, px)
             tokens = connector(tower(pixel_values=pixels).last_hidden_state)                    # (B, T, D)
@@ -292,7 +293,8 @@ def vision_stage(vlm, processor, cfg: VisionStage, log=print):
         record["word_acc"] = [round(stats[t][1], 3) for t in cfg.tasks if t in stats]  # each task's last step
         if step % 20 == 0 or step == cfg.tower_steps - 1:
             log(f"vision stage A {step + 1}/{cfg.tower_steps}: loss/word accuracy " +
-                " ".join(f"{n} {l:.3f}/{a:.2f}" for n, (l, a) in stats.items()) + f" ({time.time() - t0:.0f}s)")
+                " ".join(f"{n} {stats[n][0]:.3f}/{stats[n][1]:.2f}" for n in trained if n in stats) +
+                f" ({time.time() - t0:.0f}s)")  # the tasks of this step (the cards stop at gp_tower_steps)
 
     # B. alignment: the description through the frozen text tower (LLaVA stage 1)
     opt = torch.optim.AdamW([dict(params=list(connector.parameters())), dict(params=list(tower.parameters()))],
