@@ -289,7 +289,8 @@ def run_episodes(setting: Setting, policy: Policy, batch_size: int = 32, env_fac
                                         cards_correct=info.get("cards_correct"), is_correct=info.get("is_correct"),
                                         is_success=bool(info.get("is_success", False)),
                                         terminated=bool(terminated), truncated=bool(truncated),
-                                        **{k: info[k] for k in ("card_hits", "suits_correct", "world") if k in info}))
+                                        **{k: info[k] for k in ("card_hits", "suits_correct", "world", "landmark")
+                                           if k in info}))
             if terminated or truncated or len(record["turns"]) >= setting.max_turns:
                 records[record["episode"]] = finish_episode(setting, record)
                 if on_episode is not None:

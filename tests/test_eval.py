@@ -217,6 +217,10 @@ def test_describe_settings_of_virl_name_landmarks_per_skin():
                                log_every_s=1e9)
     m = ev.metrics_of(settings["describe-id"], episodes)
     assert m["recognition: landmark named"] == (0, 2) and m["recognition: landmark named (nyc)"] == (0, 2)
+    names = iter([e["turns"][0]["landmark"] for e in episodes])  # each episode records the landmark it asks for
+    episodes = ev.run_episodes(settings["describe-id"], lambda batch: [f"Nowhere Cafe; {next(names)}" for _ in batch],
+                               log_every_s=1e9)
+    assert ev.metrics_of(settings["describe-id"], episodes)["recognition: landmark named"] == (2, 2)
     # visual OOD: episode i views the (i mod 8)-th skin, whatever env object serves it (batches reuse envs)
     ood = dataclasses.replace(settings["describe-visual-ood"], num_episodes=16, env_kwargs=dict(
         settings["describe-visual-ood"].env_kwargs, worlds=["milan", "london"]))
