@@ -223,7 +223,7 @@ class DescribeData:
         (docs/models.md). Targets of a sign whose pictogram lies left of its tile's centre line and monogram right of
         it (as drawn, virl_readable_signs): the token left of the line gets the category's first token, the one right
         of it the stem's."""
-        from make_virl_world import virl_name_parts, virl_readable_signs
+        from make_virl_world import VIRL_PANO_SIZE, virl_name_parts, virl_readable_signs
         city = self.rng.choice(self.cities)
         lm = self.rng.choice(city.landmarks)
         node = city.nodes[lm["node"]]
@@ -232,9 +232,9 @@ class DescribeData:
         heading = (self.rng.choice(city.street_bearings(kind, key)) + self.rng.gauss(0, 4)
                    if self.rng.random() < 0.8 else self.rng.uniform(0, 360))
         rotation = self.rng.randrange(360)
-        pano = city.render(xy, kind, key, (512, 256), rotation)  # the worlds' panorama size
+        pano = city.render(xy, kind, key, VIRL_PANO_SIZE, rotation)
         image = virl_view_grid(pano, heading, rotation, self.px // 2, self.px // 2, line_width=1)
-        signs, words, half = virl_readable_signs(city, xy, heading), [], self.grid // 2
+        signs, words, half = virl_readable_signs(city, xy, heading, pano_size=VIRL_PANO_SIZE), [], self.grid // 2
         for sign in signs:  # pictogram left of its tile's centre line, monogram right of it: the first such sign
             row, col = sign["tile"] // 2 * half + half // 2 - 1, sign["tile"] % 2 * half + half // 2 - 1
             left = row * self.grid + col

@@ -107,6 +107,7 @@ VIRL_WORLDS = {  # name -> generate_virl_world kwargs
 # vision tower trained from scratch did not learn to read them (docs/models.md), as a pretrained VLM would.
 VIRL_READ_M = 30.0  # metres: signs farther away are not drawn; the vision stage names every drawn sign
 VIRL_SIGN_M = dict(half_width=6.0, bottom=1.5, top=8.0)  # sign size in metres (above eye level), at its distance
+VIRL_PANO_SIZE = (512, 256)  # the generated worlds' panoramas (W, H)
 
 
 def virl_monograms(stems) -> dict:
@@ -163,15 +164,13 @@ def draw_pictogram(draw: ImageDraw.ImageDraw, k: int, box: tuple, fill):
     shapes[k]()
 
 
-def sign_layout(name: str, w: float, h: float) -> dict:
-    """Where draw_sign puts the parts of a w x h sign, from its top-left corner: the pictogram's box (x, y, size),
-    the monogram's left-middle anchor and centre x, their font sizes."""
-    stem, _ = virl_name_parts(name)
+def sign_layout(stem: str, w: float, h: float) -> dict:
+    """Where draw_sign puts the parts of a w x h sign of `stem`, from its top-left corner: the pictogram's box (x, y,
+    size), the monogram's left-middle anchor and centre x, their font sizes."""
     s = min(0.62 * h, 0.4 * w)
-    size = max(6, int(s * 1.15))
-    return dict(pictogram=(0.06 * w, 0.08 * h, s), monogram=(0.12 * w + s, 0.08 * h + s / 2), monogram_size=size,
-                monogram_cx=0.12 * w + s + _font(size).getlength(VIRL_MONOGRAMS[stem]) / 2,
-                name_size=max(5, int(0.22 * h)))
+    size, mx = max(6, int(s * 1.15)), 0.12 * w + s
+    return dict(pictogram=(0.06 * w, 0.08 * h, s), monogram=(mx, 0.08 * h + s / 2), monogram_size=size,
+                monogram_cx=mx + _font(size).getlength(VIRL_MONOGRAMS[stem]) / 2, name_size=max(5, int(0.22 * h)))
 
 
 def draw_sign(draw: ImageDraw.ImageDraw, name: str, colour, box: tuple):
@@ -181,7 +180,7 @@ def draw_sign(draw: ImageDraw.ImageDraw, name: str, colour, box: tuple):
     stem, category = virl_name_parts(name)
     ink = (0, 0, 0) if sum(colour) > 400 else (255, 255, 255)
     h, w = y1 - y0, x1 - x0
-    at = sign_layout(name, w, h)
+    at = sign_layout(stem, w, h)
     px, py, s = at["pictogram"]
     draw.rectangle([x0, y0, x1, y1], fill=colour, outline=(0, 0, 0))
     draw_pictogram(draw, VIRL_CATEGORIES.index(category), (x0 + px, y0 + py, s), ink)
@@ -341,7 +340,7 @@ def sign_angles(r: float) -> tuple[float, float, float]:
 
 
 def virl_readable_signs(city: _VirlCity, xy, heading: float, read_m: float = VIRL_READ_M,
-                        pano_size: tuple = (512, 256)) -> list[dict]:
+                        pano_size: tuple = VIRL_PANO_SIZE) -> list[dict]:
     """The landmark signs a 2x2 view grid (envs.virl_view_grid at `heading`) shows: those within `read_m` metres (all
     that the panorama draws), in grid order (tile 0..3 = views at heading -135, -45, +45, +135; left to right in a
     tile).
@@ -358,7 +357,7 @@ def virl_readable_signs(city: _VirlCity, xy, heading: float, read_m: float = VIR
         tile = min(range(4), key=lambda i: abs(off[i]))
         half, top_e, bot_e = sign_angles(r)
         w, h = 2 * half / 360 * pano_size[0], (top_e - bot_e) / 180 * pano_size[1]  # the drawn sign, pano px
-        at = sign_layout(lm["name"], w, h)
+        at = sign_layout(virl_name_parts(lm["name"])[0], w, h)
         x_at = lambda px: math.tan(math.radians(max(-89.0, min(89.0, off[tile] - half + 2 * half * px / w))))
         signs.append({"name": lm["name"], "tile": tile, "x": x_at(w / 2),
                       "pictogram_x": x_at(at["pictogram"][0] + at["pictogram"][2] / 2),
@@ -428,7 +427,7 @@ def _virl_route_dict(city: _VirlCity, anchors, rng: random.Random, route_id: str
 
 def generate_virl_world(out_dir, num_routes: int = 300, num_heldout_routes: int = 60, seed: int = 0,
                         skin="nyc", grid_size: int = 8, block_m: float = 70.0, points_per_block: int = 3,
-                        landmark_prob: float = 0.3, pano_size=(512, 256)) -> dict:
+                        landmark_prob: float = 0.3, pano_size=VIRL_PANO_SIZE) -> dict:
     """Write a procedural V-IRL world in the official format: route_infos.json (training routes),
     route_infos_heldout.json (routes with (start, destination) pairs and paths disjoint from training),
     gps_pano_mapping.pkl and street_views/{pano_id}.jpg + .metadata.json. `skin` is one city skin or a list of skins
