@@ -4,6 +4,7 @@ out every algorithm (the scripts keep their own copies, CleanRL-style); its "det
 """
 import glob
 import copy
+import fcntl
 import json
 import os
 import pickle
@@ -71,9 +72,13 @@ def prepared_path(name: str, vl_task: bool) -> str:
         return name
     path = os.path.join(CACHE_DIR, PREPARED[name])
     if not os.path.isfile(os.path.join(path, "config.json")):
-        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "make_models.py")
-        if run_child([sys.executable, script, name]) != 0:
-            raise ValueError(f"building {name!r} failed (see above): run `python make_models.py {name}`")
+        os.makedirs(CACHE_DIR, exist_ok=True)
+        with open(f"{path}.lock", "w") as lock:  # scripts started together build it once; the others wait here
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not os.path.isfile(os.path.join(path, "config.json")):
+                script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "make_models.py")
+                if run_child([sys.executable, script, name]) != 0:
+                    raise ValueError(f"building {name!r} failed (see above): run `python make_models.py {name}`")
     return path
 
 

@@ -85,15 +85,21 @@ def vl_config(tok, text_config: dict, image_px: int, patch: int, scale: int, vis
                           image_token_id=tok.convert_tokens_to_ids("<image>"))
 
 
-def save(model, processor, name: str) -> str:
-    """save_pretrained into CACHE_DIR/<tmp>, then one rename: the final directory is complete or absent."""
+def save(model, processor, name: str, force: bool = False) -> str:
+    """save_pretrained into CACHE_DIR/<tmp>, then one rename: the final directory is complete or absent. A complete
+    one that another process wrote meanwhile is kept (unless `force`); a damaged one is renamed away first."""
     path = os.path.join(CACHE_DIR, DIRS[name])
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp, old = f"{path}.tmp{os.getpid()}", f"{path}.old{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
-    shutil.rmtree(path, ignore_errors=True)
+    if os.path.exists(path):
+        if os.path.isfile(os.path.join(path, "config.json")) and not force:
+            shutil.rmtree(tmp)
+            return path
+        os.replace(path, old)
     os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
     return path
 
 
@@ -478,4 +484,4 @@ if __name__ == "__main__":
                                        ("tasks", tuple(a.stage_tasks or ()))) if v}
             model = vision_stage(model, processor, replace(STAGES[name], **steps),
                                  log=lambda line, name=name: print(f"{name}: {line}", flush=True))
-        print(f"{name}: wrote {save(model, processor, name)}", flush=True)
+        print(f"{name}: wrote {save(model, processor, name, force)}", flush=True)

@@ -158,3 +158,37 @@ def test_sigterm_stops_the_child_build_too(tmp_path):
     assert parent.wait(timeout=60) == 128 + signal.SIGTERM
     with pytest.raises(ProcessLookupError):  # the child was stopped and reaped
         os.kill(int(pidfile.read_text()), 0)
+
+
+def test_scripts_started_together_build_a_prepared_model_once(tmp_path):
+    """Two processes ask for `tiny-lm` in an empty cache at once: one builds it, the other waits for it (a lock next to
+    the directory), and both load the same complete checkpoint."""
+    env = {**os.environ, "SFTVSRL_CACHE": str(tmp_path), "PYTHONPATH": ROOT}
+    code = "import common; model, tok = common.load_model('tiny-lm', vl_task=False); print('loaded', type(model).__name__)"
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert all("loaded LlamaForCausalLM" in out for out in outs), outs
+    # one make_models.py run builds it; the other process waited and never started one (without the lock it starts
+    # its own, which finds the directory written meanwhile: "(exists)"; a model that takes minutes is built twice)
+    assert sum(out.count("tiny-lm: building") for out in outs) == 1 and "(exists)" not in "".join(outs), outs
+    assert sorted(p.name for p in tmp_path.iterdir()) == [common.PREPARED["tiny-lm"], common.PREPARED["tiny-lm"] + ".lock"]
+
+
+def test_a_model_saved_meanwhile_by_another_build_is_kept(tmp_path, monkeypatch):
+    """make_models.save: a complete directory that appeared during this build stays (no window without it); --force
+    and a damaged directory are replaced whole."""
+    import make_models
+    monkeypatch.setattr(make_models, "CACHE_DIR", str(tmp_path))
+    model, tok = make_models.build_tiny(False)
+    path = tmp_path / common.PREPARED["tiny-lm"]
+    path.mkdir()
+    (path / "config.json").write_text("{}")  # theirs, complete
+    assert make_models.save(model, tok, "tiny-lm") == str(path)
+    assert (path / "config.json").read_text() == "{}" and not (path / "model.safetensors").exists()
+    make_models.save(model, tok, "tiny-lm", force=True)
+    assert (path / "model.safetensors").exists()
+    (path / "config.json").unlink()  # damaged: replaced although not forced
+    make_models.save(model, tok, "tiny-lm")
+    assert (path / "config.json").exists() and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
