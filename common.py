@@ -85,20 +85,21 @@ def prepared_path(name: str, vl_task: bool) -> str:
 def load_model(name: str, vl_task: bool, dtype=torch.float32):
     """A checkpoint (see prepared_path) -> (model, processor); the processor is a tokenizer for text models."""
     path = prepared_path(name, vl_task)
-    is_vl_ckpt = hasattr(AutoConfig.from_pretrained(path), "vision_config")
-    if vl_task and not is_vl_ckpt:
-        raise ValueError(f"{name} is a text-only model and cannot take images; a VL task needs an "
-                         "image-text-to-text model (e.g. --model-path smolvlm or tiny)")
-    auto_model = AutoModelForImageTextToText if is_vl_ckpt else AutoModelForCausalLM
     try:
-        model = auto_model.from_pretrained(path, dtype=dtype)
-        processor = load_processor(path) if is_vl_ckpt else AutoTokenizer.from_pretrained(path)
-    except Exception as e:  # noqa: BLE001  a damaged cache of a prepared name: say how to rebuild it
+        is_vl_ckpt = hasattr(AutoConfig.from_pretrained(path), "vision_config")
+        if is_vl_ckpt or not vl_task:
+            auto_model = AutoModelForImageTextToText if is_vl_ckpt else AutoModelForCausalLM
+            model = auto_model.from_pretrained(path, dtype=dtype)
+            processor = load_processor(path) if is_vl_ckpt else AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001  a damaged cache of a prepared name (its config too): say how to rebuild it
         prepared = prepared_name(name, vl_task)
         if prepared not in PREPARED:
             raise
         raise ValueError(f"the cached model {prepared!r} at {path} is damaged ({type(e).__name__}: {str(e)[:200]}); "
                          f"rebuild it with `python make_models.py {prepared} --force`") from None
+    if vl_task and not is_vl_ckpt:
+        raise ValueError(f"{name} is a text-only model and cannot take images; a VL task needs an "
+                         "image-text-to-text model (e.g. --model-path smolvlm or tiny)")
     tok = tokenizer_of(processor)
     if not getattr(tok, "chat_template", None) and not getattr(processor, "chat_template", None):
         raise ValueError("it has no chat template: prompts go through the checkpoint's own chat template (use an "

@@ -85,9 +85,10 @@ def vl_config(tok, text_config: dict, image_px: int, patch: int, scale: int, vis
                           image_token_id=tok.convert_tokens_to_ids("<image>"))
 
 
-def save(model, processor, name: str, force: bool = False) -> str:
+def save(model, processor, name: str, force: bool = False) -> tuple[str, bool]:
     """save_pretrained into CACHE_DIR/<tmp>, then one rename: the final directory is complete or absent. A complete
-    one that another process wrote meanwhile is kept (unless `force`); a damaged one is renamed away first."""
+    one that another process wrote meanwhile is kept (unless `force`); a damaged one is renamed away first.
+    Returns (path, whether this build's model is the one there now)."""
     path = os.path.join(CACHE_DIR, DIRS[name])
     tmp, old = f"{path}.tmp{os.getpid()}", f"{path}.old{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -96,11 +97,11 @@ def save(model, processor, name: str, force: bool = False) -> str:
     if os.path.exists(path):
         if os.path.isfile(os.path.join(path, "config.json")) and not force:
             shutil.rmtree(tmp)
-            return path
+            return path, False
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
-    return path
+    return path, True
 
 
 def build_smollm2():
@@ -484,4 +485,6 @@ if __name__ == "__main__":
                                        ("tasks", tuple(a.stage_tasks or ()))) if v}
             model = vision_stage(model, processor, replace(STAGES[name], **steps),
                                  log=lambda line, name=name: print(f"{name}: {line}", flush=True))
-        print(f"{name}: wrote {save(model, processor, name, force)}", flush=True)
+        path, wrote = save(model, processor, name, force)
+        print(f"{name}: wrote {path}" if wrote else f"{name}: kept {path}, written meanwhile by another build "
+              "(--force replaces it)", flush=True)

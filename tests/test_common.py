@@ -185,9 +185,9 @@ def test_a_model_saved_meanwhile_by_another_build_is_kept(tmp_path, monkeypatch)
     path = tmp_path / common.PREPARED["tiny-lm"]
     path.mkdir()
     (path / "config.json").write_text("{}")  # theirs, complete
-    assert make_models.save(model, tok, "tiny-lm") == str(path)
+    assert make_models.save(model, tok, "tiny-lm") == (str(path), False)
     assert (path / "config.json").read_text() == "{}" and not (path / "model.safetensors").exists()
-    make_models.save(model, tok, "tiny-lm", force=True)
+    assert make_models.save(model, tok, "tiny-lm", force=True) == (str(path), True)
     assert (path / "model.safetensors").exists()
     (path / "config.json").unlink()  # damaged: replaced although not forced
     make_models.save(model, tok, "tiny-lm")

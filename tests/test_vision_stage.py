@@ -107,6 +107,10 @@ def test_prepared_name_is_written_whole_and_a_damaged_one_is_named(cache, monkey
     weights.write_bytes(weights.read_bytes()[:1000])  # a damaged cache
     with pytest.raises(ValueError, match=r"rebuild it with `python make_models.py tiny-vl-seeing --force`"):
         load_model("tiny-vl-seeing", vl_task=True)
+    (path / "config.json").write_text('{"model_type": "idefics3", ')  # a config cut off mid-write: the same hint
+    hint = r"is damaged \(.*config\.json.*rebuild it with `python make_models.py tiny-vl-seeing --force`"
+    with pytest.raises(ValueError, match=hint):
+        load_model("tiny-vl-seeing", vl_task=True)
 
 
 def test_a_non_finite_loss_stops_the_stage():
