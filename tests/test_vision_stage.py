@@ -118,3 +118,17 @@ def test_a_non_finite_loss_stops_the_stage():
     vlm, processor = mm.build_tiny(True)
     with pytest.raises(SystemExit, match=r"make_models.py: error: the vision stage's loss is (nan|inf|-inf) at part A"):
         mm.vision_stage(vlm, processor, dataclasses.replace(TINY_STAGE, tower_lr=1e38), log=lambda line: None)
+
+
+@pytest.mark.parametrize("cmd, printed", [
+    (["probe_sign_reading.py", "--model", "tiny", "--steps", "2", "--batch-size", "2", "--test-views", "2"],
+     "fresh stage views: category"),
+    (["probe_sign_names.py", "--model-path", "tiny-vl-seeing", "--steps", "1", "--batch-size", "2", "--eval-every", "1",
+      "--eval-scenes", "2"], "step 1 trained pairs: names exact"),
+])
+def test_issue_14_probes_run_end_to_end(cache, cmd, printed):
+    """The probes behind docs/models.md's street-view measurements, on the tiny model (seconds)."""
+    env = {**os.environ, "SFTVSRL_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "probes", cmd[0]), *cmd[1:]], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and printed in out.stdout, out.stderr[-3000:]
