@@ -8,7 +8,7 @@ right of it (the stage's own places), as a perfect tower with a linear connector
 train (initialised at the words' first-token embeddings and 0), through the frozen text tower on the stage's
 description prompt and captions of random scenes (0-4 signs, the 9 skins' stems and name orders). Exact names are
 then read back by greedy generation on scenes whose (stem, category) pairs were never trained (held out), and on
-trained pairs. A high rate says part B's ceiling with the stage's token layout is not the limit (the tower is); a
+trained pairs (--init sum: C and S start at the sum of the word's token embeddings instead). A high rate says part B's ceiling with the stage's token layout is not the limit (the tower is); a
 low one says the layout caps recognition whatever the tower reads.
 
     python scripts/probes/probe_sign_names.py --steps 200       # ~10-15 min on 2 cores
@@ -47,6 +47,9 @@ class Args:
     """scenes per read-back (held-out pairs; the same number of trained pairs)"""
     heldout_frac: float = 0.2
     """fraction of (stem, category) pairs never trained"""
+    init: str = "first"
+    """C and S start at each word's first-token embedding (first: what part A targets) or at the sum of all its
+    tokens' embeddings (sum: the whole word, unordered)"""
     seed: int = 0
 
 
@@ -62,7 +65,6 @@ def main(args: Args):
     ids = processor(text=[prompt], images=[[Image.new("RGB", (px, px))]], return_tensors="pt")["input_ids"][0]  # (L,)
     image_at = (ids == vlm.config.image_token_id).nonzero()[:, 0]                      # (16,) image token positions
     grid = int(len(image_at) ** 0.5)
-    first = lambda word: tok(" " + word, add_special_tokens=False)["input_ids"][0]  # noqa: E731
 
     stems = sorted({s for skin in VIRL_SKINS.values() for s in skin["stems"]})
     order = {s: skin["order"] for skin in VIRL_SKINS.values() for s in skin["stems"]}
@@ -70,8 +72,13 @@ def main(args: Args):
     pairs = [(s, c) for s in stems for c in VIRL_CATEGORIES]
     rng.shuffle(pairs)
     heldout = set(pairs[:int(args.heldout_frac * len(pairs))])
-    C = torch.nn.Parameter(embed.weight[[first(c) for c in VIRL_CATEGORIES]].clone())  # (16, D)
-    S = torch.nn.Parameter(embed.weight[[first(s) for s in stems]].clone())            # (148, D)
+    if args.init not in ("first", "sum"):
+        raise SystemExit(f"--init must be first or sum, got {args.init!r}")
+    tokens = lambda word: tok(" " + word, add_special_tokens=False)["input_ids"]  # noqa: E731
+    start = (lambda word: embed.weight[tokens(word)[0]]) if args.init == "first" else (
+        lambda word: embed.weight[tokens(word)].sum(0))
+    C = torch.nn.Parameter(torch.stack([start(c) for c in VIRL_CATEGORIES]).detach())  # (16, D)
+    S = torch.nn.Parameter(torch.stack([start(s) for s in stems]).detach())            # (148, D)
     P = torch.nn.Parameter(torch.zeros(len(image_at), embed.weight.shape[1]))         # (16, D)
     opt = torch.optim.Adam([C, S, P], lr=args.lr)
 
