@@ -230,7 +230,7 @@ class DescribeData:
         (docs/models.md). Targets of a sign whose pictogram lies left of its tile's centre line and monogram right of
         it (as drawn, virl_readable_signs): the token left of the line gets the category's first token, the one right
         of it the stem's."""
-        from make_virl_world import VIRL_PANO_SIZE, virl_name_parts, virl_readable_signs
+        from make_virl_world import VIRL_PANO_SIZE, virl_readable_signs
         city = self.rng.choice(self.cities)
         lm = self.rng.choice(city.landmarks)
         node = city.nodes[lm["node"]]
@@ -241,14 +241,21 @@ class DescribeData:
         rotation = self.rng.randrange(360)
         pano = city.render(xy, kind, key, VIRL_PANO_SIZE, rotation)
         image = virl_view_grid(pano, heading, rotation, self.px // 2, self.px // 2, line_width=1)
-        signs, words, half = virl_readable_signs(city, xy, heading, pano_size=VIRL_PANO_SIZE), [], self.grid // 2
+        signs = virl_readable_signs(city, xy, heading, pano_size=VIRL_PANO_SIZE)
+        return image, VIRL_DESCRIBE_PROMPT, virl_caption([s["name"] for s in signs]), self.sign_words(signs)
+
+    def sign_words(self, signs) -> list:
+        """Part A targets of a view's readable signs: (image token, text token) for the category left and the stem
+        right of each tile's centre line."""
+        from make_virl_world import virl_name_parts
+        words, half = [], self.grid // 2
         for sign in signs:  # pictogram left of its tile's centre line, monogram right of it: the first such sign
             row, col = sign["tile"] // 2 * half + half // 2 - 1, sign["tile"] % 2 * half + half // 2 - 1
             left = row * self.grid + col
             if -1 < sign["pictogram_x"] < 0 < sign["monogram_x"] < 1 and left not in [t for t, _ in words]:
                 stem, category = virl_name_parts(sign["name"])  # each word as it follows a space (either order)
                 words += [(left, self.first_token(" " + category)), (left + 1, self.first_token(" " + stem))]
-        return image, VIRL_DESCRIBE_PROMPT, virl_caption([s["name"] for s in signs]), words
+        return words
 
 
 def check_finite(loss: torch.Tensor, where: str):

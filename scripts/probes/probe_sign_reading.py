@@ -55,7 +55,7 @@ class Views(mm.DescribeData):
     def virl(self):
         if self.geometry == "stage":
             return super().virl()
-        from make_virl_world import VIRL_PANO_SIZE, virl_name_parts, virl_readable_signs
+        from make_virl_world import VIRL_PANO_SIZE, virl_readable_signs
         city = self.rng.choice(self.cities)
         lm = self.rng.choice(city.landmarks)
         xy, kind, key = city.nodes[lm["node"]], "node", lm["node"]
@@ -63,14 +63,8 @@ class Views(mm.DescribeData):
         rotation = self.rng.randrange(360)
         pano = city.render(xy, kind, key, VIRL_PANO_SIZE, rotation)
         image = virl_view_grid(pano, heading, rotation, self.px // 2, self.px // 2, line_width=1)
-        signs, words, half = virl_readable_signs(city, xy, heading, pano_size=VIRL_PANO_SIZE), [], self.grid // 2
-        for sign in signs:  # the same labels as DescribeData.virl
-            row, col = sign["tile"] // 2 * half + half // 2 - 1, sign["tile"] % 2 * half + half // 2 - 1
-            left = row * self.grid + col
-            if -1 < sign["pictogram_x"] < 0 < sign["monogram_x"] < 1 and left not in [t for t, _ in words]:
-                stem, category = virl_name_parts(sign["name"])
-                words += [(left, self.first_token(" " + category)), (left + 1, self.first_token(" " + stem))]
-        return image, None, None, words
+        signs = virl_readable_signs(city, xy, heading, pano_size=VIRL_PANO_SIZE)
+        return image, None, None, self.sign_words(signs)  # the same labels as DescribeData.virl
 
 
 def main(args: Args):
