@@ -892,7 +892,8 @@ def virl_load_panorama(panorama_dir, pano_id: str):
 
 VIRL_VLN_MINI_SKINS = ["milan", "new_delhi", "buenos_aires", "london", "hong_kong", "nyc", "melbourne", "lagos",
                        "san_francisco"]  # the city skins of the generated worlds (make_virl_world.py), VLN-mini order
-VIRL_WORLD_VERSION = 2  # of the worlds make_virl_world.py writes, in their folder name; v2: logo signs (same cities)
+VIRL_WORLD_VERSION = 3  # of the worlds make_virl_world.py writes, in their folder name; v2: logo signs (same cities);
+# v3: the signs 1.4x larger (make_virl_world.VIRL_SIGN_M)
 
 
 def virl_world_files(folder) -> dict:

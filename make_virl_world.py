@@ -106,7 +106,9 @@ VIRL_WORLDS = {  # name -> generate_virl_world kwargs
 # full name in small text (world v2). The v1 signs held only the name, in 6-9 px letters at the model's input: a
 # vision tower trained from scratch did not learn to read them (docs/models.md), as a pretrained VLM would.
 VIRL_READ_M = 30.0  # metres: signs farther away are not drawn; the vision stage names every drawn sign
-VIRL_SIGN_M = dict(half_width=6.0, bottom=1.5, top=8.0)  # sign size in metres (above eye level), at its distance
+# sign size in metres (above eye level), at its distance; world v3: 1.4x v2's (6.0, 1.5, 8.0), a monogram letter ~1.4
+# 16-px patches tall at the 256 px input (docs/models.md: the tower read 1.8x the stems of 1x signs)
+VIRL_SIGN_M = dict(half_width=8.4, bottom=1.5, top=10.6)
 VIRL_PANO_SIZE = (512, 256)  # the generated worlds' panoramas (W, H)
 
 

@@ -44,17 +44,25 @@ def test_describe_data_targets_point_at_what_the_image_shows():
     tok = processor.tokenizer
     # 4 x 4 image tokens: card i's rank on row 1, its suit on row 2, column i
     assert [t for t, _ in words] == [4, 8, 5, 9, 6, 10, 7, 11]
-    assert [tok.decode([w]) for _, w in words][::2] == [c[0] for c, _ in cards]  # "10" -> "1"
+    assert [tok.decode(w) for _, w in words][::2] == [c[0] for c, _ in cards]  # "10" -> "1"
+    assert all(len(w) == 1 for _, w in words)  # a card's words: their first token
     targets = 0
     for _ in range(20):  # street views: a sign near its tile's centre gives two targets, left and right of the centre
         image, prompt, caption, words = data.virl()  # line of the tile's upper row (pictogram, monogram)
         names = envs.virl_read_caption(caption)
         assert prompt == envs.VIRL_DESCRIBE_PROMPT and len(words) % 2 == 0 and len(words) <= 2 * len(names)
         assert len({t for t, _ in words}) == len(words)
-        for (left, _), (right, _) in zip(words[::2], words[1::2]):
+        for (left, category), (right, stem) in zip(words[::2], words[1::2]):
             assert left in (0, 2, 8, 10) and right == left + 1  # 4 x 4 tokens: 2 x 2 per tile
+            name = tok.decode(category).strip(), tok.decode(stem).strip()  # a sign's words: all of their tokens
+            assert f"{name[1]} {name[0]}" in names or f"{name[0]} {name[1]}" in names
         targets += len(words)
-    assert targets >= 10  # most views look at a corner landmark from its node
+    assert targets >= 20  # every view looks at a corner landmark from its node, along a street
+    embed = torch.randn(len(tok), 8)
+    classes, index = data.classes(embed, [w for _, w in words])
+    assert classes.shape == (len(tok) + len(data.words), 8) and len(data.words) > 0
+    for (_, w), k in zip(words, index.tolist()):  # one token: its own row; several: the sum of their rows
+        assert torch.allclose(classes[k], embed[list(w)].sum(0)) and (k < len(tok)) == (len(w) == 1)
 
 
 def test_captions_read_back_and_junk_reads_as_nothing():
@@ -125,9 +133,11 @@ def test_a_non_finite_loss_stops_the_stage():
 
 @pytest.mark.parametrize("cmd, printed", [
     (["probe_sign_reading.py", "--model", "tiny", "--steps", "2", "--batch-size", "2", "--test-views", "2"],
-     "fresh stage views: category"),
+     "fresh v5 views: category"),
     (["probe_sign_names.py", "--model-path", "tiny-vl-seeing", "--steps", "1", "--batch-size", "2", "--eval-every", "1",
       "--eval-scenes", "2"], "step 1 trained pairs: names exact"),
+    (["probe_sign_names.py", "--model-path", "tiny-vl-seeing", "--steps", "1", "--batch-size", "2", "--eval-every", "1",
+      "--eval-scenes", "2", "--layout", "tokens"], "step 1 trained pairs: names exact"),
 ])
 def test_issue_14_probes_run_end_to_end(cache, cmd, printed):
     """The probes behind docs/models.md's street-view measurements, on the tiny model (seconds)."""

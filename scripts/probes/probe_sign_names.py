@@ -50,6 +50,10 @@ class Args:
     init: str = "first"
     """C and S start at each word's first-token embedding (first: what part A targets) or at the sum of all its
     tokens' embeddings (sum: the whole word, unordered)"""
+    layout: str = "pair"
+    """pair: C on the token left of the tile's centre line, S right of it (the stage's places) | tokens: C on the
+    tile's top-left token and the stem's own token embeddings, fixed, on the other three in reading order (the last
+    holds the sum of any further tokens): can the text tower copy a name instead of learning to write it?"""
     seed: int = 0
 
 
@@ -74,12 +78,20 @@ def main(args: Args):
     heldout = set(pairs[:int(args.heldout_frac * len(pairs))])
     if args.init not in ("first", "sum"):
         raise SystemExit(f"--init must be first or sum, got {args.init!r}")
+    if args.layout not in ("pair", "tokens"):
+        raise SystemExit(f"--layout must be pair or tokens, got {args.layout!r}")
     tokens = lambda word: tok(" " + word, add_special_tokens=False)["input_ids"]  # noqa: E731
     start = (lambda word: embed.weight[tokens(word)[0]]) if args.init == "first" else (
         lambda word: embed.weight[tokens(word)].sum(0))
     C = torch.nn.Parameter(torch.stack([start(c) for c in VIRL_CATEGORIES]).detach())  # (16, D)
     S = torch.nn.Parameter(torch.stack([start(s) for s in stems]).detach())            # (148, D)
     P = torch.nn.Parameter(torch.zeros(len(image_at), embed.weight.shape[1]))         # (16, D)
+    stem_tokens = {}  # --layout tokens: each stem's token embeddings on three slots, fixed: (3, D)
+    for s in stems:
+        t = tokens(s)
+        rows = [embed.weight[t[0]], *(embed.weight[t[1:2]] if len(t) > 1 else []), *(
+            [embed.weight[t[2:]].sum(0)] if len(t) > 2 else [])]
+        stem_tokens[s] = torch.stack(rows).detach()                                        # (<=3, D)
     opt = torch.optim.Adam([C, S, P], lr=args.lr)
 
     def scene(want_heldout: bool):
@@ -103,7 +115,11 @@ def main(args: Args):
             for t, s, c in signs:
                 left = (t // 2 * grid // 2) * grid + t % 2 * grid // 2  # the tile's top-left token, as make_models
                 img[b, left] = img[b, left] + C[VIRL_CATEGORIES.index(c)]
-                img[b, left + 1] = img[b, left + 1] + S[stems.index(s)]
+                if args.layout == "pair":
+                    img[b, left + 1] = img[b, left + 1] + S[stems.index(s)]
+                else:  # the tile's other three tokens, in reading order
+                    for slot, row in zip((left + 1, left + grid, left + grid + 1), stem_tokens[s]):
+                        img[b, slot] = img[b, slot] + row
         x[:, image_at] = img
         return x
 
