@@ -156,10 +156,9 @@ def build_smolvlm(image_px: int = 256):
 #   A. word targets: the image token over a card's rank (its suit) is pushed onto the input embedding of the rank's
 #      (the suit's) first token, the tokens over a street sign's pictogram and monogram onto its category's and
 #      stem's token embeddings summed: cross-entropy over the frozen embedding matrix (and those sums) plus an MSE
-#      to the target row. No
-#      text-tower pass, so an image costs ~1/3 of B; the tower learns to see, and the connector to write what it
-#      sees in the text tower's input language (targets at the tokens in reading order instead: 18 % word accuracy
-#      after 70 steps against 100 %);
+#      to the target row. No text-tower pass, so an image costs ~1/3 of B; the tower learns to see, and the
+#      connector to write what it sees in the text tower's input language (targets at the tokens in reading order
+#      instead: 18 % word accuracy after 70 steps against 100 %);
 #   B. alignment (LLaVA's stage 1): the whole description under the chat template through the frozen text tower.
 @dataclass
 class VisionStage:
