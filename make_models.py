@@ -208,12 +208,16 @@ class DescribeData:
         signs = [*VIRL_CATEGORIES, *(stem for sk in skins for stem in VIRL_SKINS[sk]["stems"])]
         self.words = sorted({w for w in map(self.whole_word, (" " + x for x in signs)) if len(w) > 1})
 
-    def classes(self, embed: torch.Tensor, words: list) -> tuple[torch.Tensor, torch.Tensor]:
-        """Part A's classes: every token, then every multi-token word a sign shows (the sum of its token embeddings),
-        (V + K, D); and the class of each target in `words` (tuples of token ids), (N,)."""
-        row = {w: len(embed) + k for k, w in enumerate(self.words)}
-        targets = torch.cat([embed, *(embed[list(w)].sum(0, keepdim=True) for w in self.words)])  # (V + K, D)
-        return targets, torch.tensor([row.get(w, w[0]) for w in words])
+    def classes(self, embed: torch.Tensor) -> torch.Tensor:
+        """Part A's classes: every token, then every multi-token word a sign shows (the sum of its token embeddings):
+        (V + K, D)."""
+        return torch.cat([embed, *(embed[list(w)].sum(0, keepdim=True) for w in self.words)])
+
+    def class_of(self, words: list, vocab: int) -> torch.Tensor:
+        """The class of each target in `words` (tuples of token ids) among `classes` of a V = `vocab` row embedding:
+        (N,)."""
+        row = {w: vocab + k for k, w in enumerate(self.words)}
+        return torch.tensor([row.get(w, w[0]) for w in words])
 
     def first_token(self, word: str) -> tuple:
         return tuple(self.tok(word, add_special_tokens=False)["input_ids"][:1])
@@ -292,6 +296,7 @@ def vision_stage(vlm, processor, cfg: VisionStage, log=print):
     tower, connector = vlm.model.vision_model, vlm.model.connector
     embed = vlm.model.text_model.embed_tokens.weight.detach()                          # (V, D), frozen
     embed_var = embed.var().item()
+    targets = data.classes(embed)                                                      # (V + K, D), frozen
     t0, record, stats = time.time(), {}, {}
 
     # A. word targets: image tokens onto the input embeddings of the words they show
@@ -308,8 +313,7 @@ def vision_stage(vlm, processor, cfg: VisionStage, log=print):
             if not where:
                 continue
             i, t, w = zip(*where)
-            targets, w = data.classes(embed, w)                                                 # (V + K, D), (N,)
-            i, t = torch.tensor(i), torch.tensor(t)
+            i, t, w = torch.tensor(i), torch.tensor(t), data.class_of(w, len(embed))            # (N,) each
             picked = tokens[i, t]                                                               # (N, D)
             logits = picked.float() @ targets.float().T                                         # (N, V + K)
             loss = F.cross_entropy(logits, w) + ((picked - targets[w]) ** 2).mean() / embed_var
@@ -333,8 +337,8 @@ def vision_stage(vlm, processor, cfg: VisionStage, log=print):
         for g, scale in zip(opt.param_groups, (1.0, 1 / 3)):
             g["lr"] = cosine_lr(step, cfg.align_steps, cfg.align_lr) * scale
         n = cfg.align_batch_size
-        views = round(cfg.align_virl * n) if len(cfg.tasks) == 2 else 0  # both tasks: hands, then views
-        kinds = ["gp"] * (n - views) + ["virl"] * views if views else [cfg.tasks[0]] * n
+        views = 0 if "virl" not in cfg.tasks else n if "gp" not in cfg.tasks else round(cfg.align_virl * n)
+        kinds = ["gp"] * (n - views) + ["virl"] * views  # hands, then views
         batch = [getattr(data, kind)() for kind in kinds]
         prompts = [describe_prompt(processor, b[1]) for b in batch]
         enc = processor(text=[p + b[2] + eos for p, b in zip(prompts, batch)], images=[[b[0]] for b in batch],

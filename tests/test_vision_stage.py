@@ -59,7 +59,7 @@ def test_describe_data_targets_point_at_what_the_image_shows():
         targets += len(words)
     assert targets >= 20  # every view looks at a corner landmark from its node, along a street
     embed = torch.randn(len(tok), 8)
-    classes, index = data.classes(embed, [w for _, w in words])
+    classes, index = data.classes(embed), data.class_of([w for _, w in words], len(tok))
     assert classes.shape == (len(tok) + len(data.words), 8) and len(data.words) > 0
     for (_, w), k in zip(words, index.tolist()):  # one token: its own row; several: the sum of their rows
         assert torch.allclose(classes[k], embed[list(w)].sum(0)) and (k < len(tok)) == (len(w) == 1)

@@ -85,6 +85,7 @@ def main(args: Args):
     embed = vlm.model.text_model.embed_tokens.weight.detach()                          # (V, D), frozen
     embed_var = embed.var().item()
     data = Views(processor, args.geometry, args.seed)
+    targets = data.classes(embed)                                                      # (V + K, D), frozen
     opt = torch.optim.AdamW([*tower.parameters(), *connector.parameters()], lr=args.lr, weight_decay=0.0)
 
     def scores(batch):
@@ -92,8 +93,7 @@ def main(args: Args):
         tokens = connector(tower(pixel_values=pixels).last_hidden_state)                    # (B, T, D)
         where = [(i, t, w, k % 2) for i, b in enumerate(batch) for k, (t, w) in enumerate(b[3])]
         i, t, w, is_stem = zip(*where)
-        targets, w = data.classes(embed, w)                                                 # (V + K, D), (N,)
-        i, t, is_stem = torch.tensor(i), torch.tensor(t), torch.tensor(is_stem)
+        i, t, is_stem, w = torch.tensor(i), torch.tensor(t), torch.tensor(is_stem), data.class_of(w, len(embed))
         picked = tokens[i, t]                                                               # (N, D)
         logits = picked.float() @ targets.float().T                                         # (N, V + K)
         loss = F.cross_entropy(logits, w) + ((picked - targets[w]) ** 2).mean() / embed_var
