@@ -15,6 +15,7 @@ script loads with `from_pretrained`; the scripts run this file themselves the fi
 is written under a temporary name and renamed when complete, so a half-written model is never loaded.
 """
 import argparse
+import copy
 import importlib.util
 import math
 import os
@@ -286,6 +287,46 @@ def cosine_lr(step: int, steps: int, lr: float, warmup: int = 20) -> float:
     return lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
 
 
+def description_batch(data: DescribeData, processor, kinds: list, prompt_tokens: dict) -> tuple:
+    """Part B's batch: a fresh example of each of `kinds` ("gp"/"virl"), its description after the chat-templated
+    prompt (right-padded), and labels that score only the description and its end token: (enc, labels (B, L)).
+    prompt_tokens (kept across steps): the token count of each prompt with its image."""
+    batch = [getattr(data, kind)() for kind in kinds]
+    prompts = [describe_prompt(processor, b[1]) for b in batch]
+    enc = processor(text=[p + b[2] + data.tok.eos_token for p, b in zip(prompts, batch)],
+                    images=[[b[0]] for b in batch], return_tensors="pt", padding=True, padding_side="right")
+    labels = enc["input_ids"].clone()                                                         # (B, L)
+    for k, (p, b) in enumerate(zip(prompts, batch)):  # the same count for every image of a size
+        if p not in prompt_tokens:
+            prompt_tokens[p] = len(processor(text=[p], images=[[b[0]]])["input_ids"][0])
+        labels[k, :prompt_tokens[p]] = -100
+    labels[enc["attention_mask"] == 0] = -100
+    return enc, labels
+
+
+def description_loss(vlm, enc, labels: torch.Tensor, prefixes: Optional[dict] = None) -> tuple:
+    """Part B's loss: each scored token's cross-entropy (fp32) under the frozen text tower, and the row it is in:
+    ((N,), (N,)). prefixes (a dict kept across steps): the tokens before the image, the same in every row (the system
+    prompt), are run once with no gradient and their keys/values reused, so the text tower runs only from the image
+    on: the same loss and gradients, since nothing before the image depends on the tower or the connector."""
+    ids = enc["input_ids"]                                                                   # (B, L)
+    common = (ids == ids[:1]).all(0) & (ids[0] != vlm.config.image_token_id)                # (L,)
+    start = int(common.int().argmin()) if prefixes is not None else 0  # shared tokens before the first image token
+    inputs = {k: v for k, v in enc.items() if k != "input_ids"}
+    if start:
+        key = tuple(ids[0, :start].tolist())
+        if key not in prefixes:
+            with torch.no_grad():
+                prefixes[key] = vlm.model.text_model(input_ids=ids[:1, :start], use_cache=True).cache
+        inputs["cache"] = copy.deepcopy(prefixes[key])
+        inputs["cache"].batch_repeat_interleave(len(ids))
+    hidden = vlm.model(input_ids=ids[:, start:], **inputs).last_hidden_state[:, :-1]        # (B, L-start-1, D)
+    target = labels[:, start + 1:]                                                           # (B, L-start-1)
+    scored = target != -100
+    per_token = F.cross_entropy(vlm.lm_head(hidden[scored]).float(), target[scored], reduction="none")  # (N,) fp32
+    return per_token, scored.nonzero()[:, 0]
+
+
 def vision_stage(vlm, processor, cfg: VisionStage, log=print):
     """Train the vision tower and connector of an Idefics3 `vlm` with its text tower frozen (parts A and B above).
     Returns the model; `vlm.config.vision_stage` records the recipe and the measured training accuracies."""
@@ -332,32 +373,17 @@ def vision_stage(vlm, processor, cfg: VisionStage, log=print):
     # B. alignment: the description through the frozen text tower (LLaVA stage 1)
     opt = torch.optim.AdamW([dict(params=list(connector.parameters())), dict(params=list(tower.parameters()))],
                             lr=cfg.align_lr, weight_decay=0.0)
-    eos, prompt_tokens, losses = data.tok.eos_token, {}, {}
+    prompt_tokens, losses, prefixes = {}, {}, {}
     for step in range(cfg.align_steps):
         for g, scale in zip(opt.param_groups, (1.0, 1 / 3)):
             g["lr"] = cosine_lr(step, cfg.align_steps, cfg.align_lr) * scale
         n = cfg.align_batch_size
         views = 0 if "virl" not in cfg.tasks else n if "gp" not in cfg.tasks else round(cfg.align_virl * n)
         kinds = ["gp"] * (n - views) + ["virl"] * views  # hands, then views
-        batch = [getattr(data, kind)() for kind in kinds]
-        prompts = [describe_prompt(processor, b[1]) for b in batch]
-        enc = processor(text=[p + b[2] + eos for p, b in zip(prompts, batch)], images=[[b[0]] for b in batch],
-                        return_tensors="pt", padding=True, padding_side="right")
-        for p, b in zip(prompts, batch):  # tokens of a prompt with its image: the same for every image of a size
-            if p not in prompt_tokens:
-                prompt_tokens[p] = len(processor(text=[p], images=[[b[0]]])["input_ids"][0])
-        prompt_len = [prompt_tokens[p] for p in prompts]
-        labels = enc["input_ids"].clone()                                                     # (B, L)
-        for k, n in enumerate(prompt_len):
-            labels[k, :n] = -100
-        labels[enc["attention_mask"] == 0] = -100
-        hidden = vlm.model(**enc).last_hidden_state[:, :-1]                                   # (B, L-1, D)
-        target = labels[:, 1:]
-        scored = target != -100
-        per_token = F.cross_entropy(vlm.lm_head(hidden[scored]).float(), target[scored], reduction="none")  # fp32
+        enc, labels = description_batch(data, processor, kinds, prompt_tokens)
+        per_token, row = description_loss(vlm, enc, labels, prefixes)                       # (N,) fp32, (N,)
         loss = per_token.mean()
         check_finite(loss, f"part B step {step + 1}")
-        row = scored.nonzero()[:, 0]                                                          # (N,) each token's row
         for task in cfg.tasks:  # each task's loss per token, for the log
             losses[task] = per_token[torch.tensor([kind == task for kind in kinds])[row]].mean().item()
         opt.zero_grad(set_to_none=True)

@@ -34,6 +34,27 @@ def test_stage_trains_the_vision_tower_and_freezes_the_text_tower():
     assert stage["tower_steps"] == 3 and stage["visuals"] == "all" and len(stage["word_acc"]) == 2
 
 
+def test_part_b_runs_the_shared_prompt_prefix_once_with_the_same_loss_and_gradients():
+    """description_loss with a prefix cache (the chat template up to the image, run once without gradient) gives the
+    loss per token and the gradients of the whole-sequence forward."""
+    torch.manual_seed(0)
+    vlm, processor = mm.build_tiny(True)
+    for name, p in vlm.named_parameters():
+        p.requires_grad = name.startswith(("model.vision_model.", "model.connector."))
+    enc, labels = mm.description_batch(mm.DescribeData(processor, "all", 0), processor, ["gp", "virl", "virl"], {})
+    results, prefixes = [], {}
+    for cache in (None, prefixes):
+        vlm.zero_grad(set_to_none=True)
+        per_token, row = mm.description_loss(vlm, enc, labels, cache)
+        per_token.mean().backward()
+        results.append((per_token.detach(), row, [p.grad.clone() for p in vlm.parameters() if p.requires_grad]))
+    assert [len(k) for k in prefixes] == [8]  # "<|im_start|>user\n" and the image's opening tokens
+    assert len(results[0][0]) == (labels != -100).sum() and torch.equal(results[0][1], results[1][1])
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    for full, cached in zip(results[0][2], results[1][2]):
+        torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-6)
+
+
 def test_describe_data_targets_point_at_what_the_image_shows():
     _, processor = mm.build_tiny(True)
     data = mm.DescribeData(processor, "id", seed=0)
@@ -129,6 +150,14 @@ def test_a_non_finite_loss_stops_the_stage():
     vlm, processor = mm.build_tiny(True)
     with pytest.raises(SystemExit, match=r"make_models.py: error: the vision stage's loss is (nan|inf|-inf) at part A"):
         mm.vision_stage(vlm, processor, dataclasses.replace(TINY_STAGE, tower_lr=1e38), log=lambda line: None)
+
+
+def test_vision_stage_benchmark_runs(cache):
+    env = {**os.environ, "SFTVSRL_CACHE": str(cache), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_vision_stage.py"), "--model-path",
+                          "tiny-vl-seeing", "--steps", "1", "--batch", "3"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and "full / prefix cached:" in out.stdout, out.stderr[-3000:]
 
 
 @pytest.mark.parametrize("cmd, printed", [
