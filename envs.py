@@ -788,25 +788,35 @@ def virl_obs_act_seq(oracles: list[str], actions: list[str], language_only: bool
 
 
 # ---- Street views: equirectangular panorama -> 4 perspective views -> 2x2 grid
+@lru_cache(maxsize=8)
+def _view_angles(size: int, fov: float, pitch: float) -> tuple:
+    """Yaw and elevation (degrees) of every pixel of a size x size pinhole view: (size, size) each, read-only."""
+    t = math.tan(math.radians(fov / 2))
+    c = ((np.arange(size) + 0.5) / size * 2 - 1) * t
+    x, y = np.meshgrid(c, c)  # x right, y down, camera looks along +z
+    yaw, elev = np.degrees(np.arctan2(x, 1.0)), pitch - np.degrees(np.arctan2(y, np.sqrt(x * x + 1.0)))
+    yaw.flags.writeable = elev.flags.writeable = False
+    return yaw, elev
+
+
 def virl_perspective_view(pano: np.ndarray, heading: float, rotation: float = 0.0, fov: float = 90.0,
                           size: int = 640, pitch: float = 0.0) -> np.ndarray:
     """Pinhole view of an equirectangular panorama (H, W, 3) uint8, looking at compass `heading`.
     Column u of the panorama has yaw 360*u/W and looks at heading (yaw - rotation + 180); the official camera
     heading ((heading - 180) mod 360 + rotation) mod 360. DEPARTURE: bilinear instead of cubic interpolation."""
     H, W = pano.shape[:2]
-    t = math.tan(math.radians(fov / 2))
-    c = ((np.arange(size) + 0.5) / size * 2 - 1) * t
-    x, y = np.meshgrid(c, c)  # x right, y down, camera looks along +z
-    yaw = np.degrees(np.arctan2(x, 1.0))
-    elev = pitch - np.degrees(np.arctan2(y, np.sqrt(x * x + 1.0)))
+    yaw, elev = _view_angles(size, fov, pitch)
     theta = (((heading + yaw) - 180) % 360 + rotation) % 360
     u = theta / 360 * W - 0.5
     v = np.clip((90 - elev) / 180 * H - 0.5, 0, H - 1)
     u0, v0 = np.floor(u).astype(np.int64), np.floor(v).astype(np.int64)
     fu, fv = (u - u0)[..., None], (v - v0)[..., None]
     u0, u1, v1 = u0 % W, (u0 + 1) % W, np.minimum(v0 + 1, H - 1)
-    p = pano.astype(np.float32)
-    out = ((p[v0, u0] * (1 - fu) + p[v0, u1] * fu) * (1 - fv) + (p[v1, u0] * (1 - fu) + p[v1, u1] * fu) * fv)
+    flat = pano.reshape(H * W, -1)
+
+    def p(v_, u_):  # the sampled pixels, as float32 (one flat index: numpy's two-array indexing is ~2x slower)
+        return flat[v_ * W + u_].astype(np.float32)
+    out = ((p(v0, u0) * (1 - fu) + p(v0, u1) * fu) * (1 - fv) + (p(v1, u0) * (1 - fu) + p(v1, u1) * fu) * fv)
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
