@@ -30,7 +30,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageText
 CACHE_DIR = os.environ.get("SFTVSRL_CACHE", os.path.expanduser("~/.cache/sftvsrl"))
 PREPARED = {"smollm2": "smollm2-135m-instruct", "smolvlm-blind": "smolvlm-smollm2-135m-256px-v2",
             "smolvlm": "smolvlm-smollm2-135m-256px-v3-seeing", "smolvlm-id": "smolvlm-smollm2-135m-256px-v3-seeing-id",
-            "smolvlm-streets": "smolvlm-smollm2-135m-256px-v6-streets",
+            "smolvlm-streets": "smolvlm-smollm2-135m-256px-v7-streets",
             "tiny-lm": "tiny-lm-v1", "tiny-vl": "tiny-vl-v1", "tiny-vl-seeing": "tiny-vl-seeing-v1",
             "tiny-mllama": "tiny-mllama-v1", "tiny-qwen2vl": "tiny-qwen2vl-v1", "tiny-llava": "tiny-llava-v1"}
 # (the directories make_models.py writes under CACHE_DIR; bump a suffix when a recipe changes)
@@ -377,11 +377,12 @@ def unwrap(agent) -> nn.Module:
     return agent.module if hasattr(agent, "module") else agent
 
 
-def check_finite(name: str, x: torch.Tensor, context: str):
+def check_finite(name: str, x: torch.Tensor, context: str,
+                 hint: str = "lower --lr, check --max-grad-norm, or inspect the samples"):
     """Fail loudly before anything is saved (detail #19)."""
     if not torch.isfinite(x).all():
         fail(f"non-finite {name} ({x.detach().flatten()[:4].tolist()}) at {context}; stopping without writing a "
-             "checkpoint (lower --lr, check --max-grad-norm, or inspect the samples)")
+             f"checkpoint ({hint})")
 
 
 def weights_finite(module: nn.Module) -> bool:

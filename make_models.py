@@ -35,7 +35,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, Idefics3Config, I
                           Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil, Qwen2VLProcessor,
                           SiglipImageProcessorPil)
 
-from common import CACHE_DIR, PREPARED as DIRS  # the directories the scripts look for
+from common import CACHE_DIR, PREPARED as DIRS, check_finite  # DIRS: the directories the scripts look for
 from envs import (CARD_RANK_AT, CARD_SUIT_AT, GP_DESCRIBE_PROMPT, SUIT_NAMES, SUITS, VIRL_DESCRIBE_PROMPT, card_layout,
                   gp_caption, gp_instance_id, is_unseen, plain_card_name, render_cards, virl_caption, virl_view_grid)
 
@@ -276,11 +276,7 @@ class DescribeData:
         return words
 
 
-def check_finite(loss: torch.Tensor, where: str):
-    """Stop before a non-finite loss reaches the weights: nothing is saved, the cache stays as it was."""
-    if not torch.isfinite(loss):
-        raise SystemExit(f"make_models.py: error: the vision stage's loss is {loss.item()} at {where}; nothing was "
-                         "written (lower the stage's learning rates)")
+STAGE_HINT = "lower the stage's learning rates; nothing was written to the model cache"
 
 
 def cosine_lr(step: int, steps: int, lr: float, warmup: int = 20) -> float:
@@ -358,7 +354,7 @@ def vision_stage(vlm, processor, cfg: VisionStage, log=print):
             picked = tokens[i, t]                                                               # (N, D)
             logits = picked.float() @ targets.float().T                                         # (N, V + K)
             loss = F.cross_entropy(logits, w) + ((picked - targets[w]) ** 2).mean() / embed_var
-            check_finite(loss, f"part A step {step + 1}")
+            check_finite("vision stage loss", loss, f"part A step {step + 1}", STAGE_HINT)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], 1.0)
@@ -383,7 +379,7 @@ def vision_stage(vlm, processor, cfg: VisionStage, log=print):
         enc, labels = description_batch(data, processor, kinds, prompt_tokens)
         per_token, row = description_loss(vlm, enc, labels, prefixes)                       # (N,) fp32, (N,)
         loss = per_token.mean()
-        check_finite(loss, f"part B step {step + 1}")
+        check_finite("vision stage loss", loss, f"part B step {step + 1}", STAGE_HINT)
         for task in cfg.tasks:  # each task's loss per token, for the log
             losses[task] = per_token[torch.tensor([kind == task for kind in kinds])[row]].mean().item()
         opt.zero_grad(set_to_none=True)
@@ -506,7 +502,7 @@ def build_tiny_class(name: str):
 
 
 STAGES = {"smolvlm": VisionStage(), "smolvlm-id": VisionStage(visuals="id"),  # names built with the vision stage
-          "smolvlm-streets": VisionStage(tower_steps=300, align_steps=250, align_virl=0.75, tasks=("gp", "virl")),
+          "smolvlm-streets": VisionStage(tower_steps=300, align_steps=400, align_virl=0.75, tasks=("gp", "virl")),
           "tiny-vl-seeing": VisionStage(tower_steps=4, align_steps=2, batch_size=4, align_batch_size=4,
                                         tasks=("gp", "virl"))}
 BUILDERS = {"smollm2": build_smollm2, "smolvlm-blind": build_smolvlm, "smolvlm": build_smolvlm,

@@ -148,7 +148,7 @@ def test_prepared_name_is_written_whole_and_a_damaged_one_is_named(cache, monkey
 def test_a_non_finite_loss_stops_the_stage():
     """The stage stops before its weights are saved (make_models.py saves only after vision_stage returns)."""
     vlm, processor = mm.build_tiny(True)
-    with pytest.raises(SystemExit, match=r"make_models.py: error: the vision stage's loss is (nan|inf|-inf) at part A"):
+    with pytest.raises(SystemExit, match=r"error: non-finite vision stage loss \(\[(nan|inf|-inf)\]\) at part A step 1"):
         mm.vision_stage(vlm, processor, dataclasses.replace(TINY_STAGE, tower_lr=1e38), log=lambda line: None)
 
 
