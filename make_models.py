@@ -306,8 +306,8 @@ def description_loss(vlm, enc, labels: torch.Tensor, prefixes: Optional[dict] = 
     prompt), are run once with no gradient and their keys/values reused, so the text tower runs only from the image
     on: the same loss and gradients, since nothing before the image depends on the tower or the connector."""
     ids = enc["input_ids"]                                                                   # (B, L)
-    common = (ids == ids[:1]).all(0) & (ids[0] != vlm.config.image_token_id)                # (L,)
-    start = int(common.int().argmin()) if prefixes is not None else 0  # shared tokens before the first image token
+    shared = (ids == ids[:1]).all(0) & (ids[0] != vlm.config.image_token_id)                # (L,)
+    start = int(shared.int().argmin()) if prefixes is not None else 0  # shared tokens before the first image token
     inputs = {k: v for k, v in enc.items() if k != "input_ids"}
     if start:
         key = tuple(ids[0, :start].tolist())
