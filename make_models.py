@@ -276,7 +276,7 @@ class DescribeData:
         return words
 
 
-STAGE_HINT = "lower the stage's learning rates; nothing was written to the model cache"
+STAGE_HINT = "lower the stage's learning rates"  # check_finite: "... stopping without writing a checkpoint (HINT)"
 
 
 def cosine_lr(step: int, steps: int, lr: float, warmup: int = 20) -> float:

@@ -145,10 +145,13 @@ def test_prepared_name_is_written_whole_and_a_damaged_one_is_named(cache, monkey
         load_model("tiny-vl-seeing", vl_task=True)
 
 
-def test_a_non_finite_loss_stops_the_stage():
+def test_a_non_finite_loss_stops_the_stage(monkeypatch):
     """The stage stops before its weights are saved (make_models.py saves only after vision_stage returns)."""
     vlm, processor = mm.build_tiny(True)
-    with pytest.raises(SystemExit, match=r"error: non-finite vision stage loss \(\[(nan|inf|-inf)\]\) at part A step 1"):
+    monkeypatch.setattr(sys, "argv", ["make_models.py"])  # the script name the message starts with
+    with pytest.raises(SystemExit, match=r"^make_models.py: error: non-finite vision stage loss \(\[(nan|inf|-inf)\]\) "
+                                         r"at part A step 1; stopping without writing a checkpoint \(lower the stage's "
+                                         r"learning rates\)$"):
         mm.vision_stage(vlm, processor, dataclasses.replace(TINY_STAGE, tower_lr=1e38), log=lambda line: None)
 
 
